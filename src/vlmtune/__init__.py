@@ -1,0 +1,6 @@
+"""vlmtune: fine-tune Qwen3-VL vision-language models, from Hugging Face weights back to Hugging Face weights."""
+
+from vlmtune.models.qwen3_vl import Qwen3VL, load_pretrained
+
+__version__ = "0.1.0"
+__all__ = ["Qwen3VL", "load_pretrained", "__version__"]

@@ -1,0 +1,112 @@
+"""The one attention entry point for the vision tower and the decoder.
+
+It serves three layouts with the same call:
+- a padded batch: `attention_mask [B, S]` marks real keys (1) and padding (0);
+- a packed row (`B == 1`): `cu_seqlens [n + 1]` separates samples (or images / frame-pairs in the vision
+  tower), attention never crosses a boundary;
+- cached decoding: `q` holds the last `Lq` positions of `S` keys (causal offset `S - Lq`).
+
+CPU and any non-half dtype use `scaled_dot_product_attention` with an explicit boolean mask. On CUDA with
+bf16/fp16, packed rows go to FlashAttention through `torch.nn.attention.varlen.varlen_attn`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:  # torch >= 2.10
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # pragma: no cover - older torch falls back to SDPA with a mask
+    varlen_attn = None
+
+
+def _use_varlen(q: torch.Tensor, cu_seqlens: torch.Tensor | None, attention_mask, lq: int, s: int) -> bool:
+    return (
+        varlen_attn is not None
+        and q.is_cuda
+        and q.dtype in (torch.bfloat16, torch.float16)
+        and cu_seqlens is not None
+        and attention_mask is None
+        and lq == s
+    )
+
+
+def build_mask(
+    lq: int,
+    s: int,
+    *,
+    causal: bool,
+    attention_mask: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """Boolean `[B or 1, 1, Lq, S]` mask (True = attend), or None when plain causal/full attention suffices."""
+    if attention_mask is None and cu_seqlens is None:
+        return None if (not causal or lq == s) else _causal(lq, s, device)[None, None]
+    mask = torch.ones(lq, s, dtype=torch.bool, device=device)
+    if causal:
+        mask = _causal(lq, s, device)
+    if cu_seqlens is not None:
+        seg = torch.bucketize(torch.arange(s, device=device), cu_seqlens[1:].to(device), right=True)
+        mask = mask & (seg[s - lq :, None] == seg[None, :])
+    mask = mask[None, None]
+    if attention_mask is not None:
+        keep = attention_mask.to(device=device, dtype=torch.bool)
+        mask = mask & keep[:, None, None, :]
+        # A padded query row would attend to nothing (NaN in SDPA); let it see itself. Its output is
+        # ignored by every consumer (labels and logits at padding are never used).
+        diag = torch.zeros(lq, s, dtype=torch.bool, device=device)
+        diag[torch.arange(lq), torch.arange(s - lq, s)] = True
+        mask = mask | (diag[None, None] & ~keep[:, None, s - lq :, None])
+    return mask
+
+
+def _causal(lq: int, s: int, device) -> torch.Tensor:
+    return torch.ones(lq, s, dtype=torch.bool, device=device).tril(diagonal=s - lq)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    attention_mask: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """q `[B, Hq, Lq, D]`, k/v `[B, Hkv, S, D]` (Hq a multiple of Hkv) -> `[B, Lq, Hq, D]`.
+
+    `mask` may be passed prebuilt (`build_mask`) so a model builds it once for all layers.
+    """
+    bsz, hq, lq, d = q.shape
+    s = k.shape[2]
+    if _use_varlen(q, cu_seqlens, attention_mask, lq, s) and bsz == 1:
+        cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+        max_len = int((cu[1:] - cu[:-1]).max())
+        out = varlen_attn(
+            q[0].transpose(0, 1),
+            k[0].transpose(0, 1),
+            v[0].transpose(0, 1),
+            cu,
+            cu,
+            max_len,
+            max_len,
+            window_size=(-1, 0) if causal else (-1, -1),
+            enable_gqa=hq != k.shape[1],
+        )
+        return out.unsqueeze(0)
+    if mask is None:
+        mask = build_mask(
+            lq, s, causal=causal, attention_mask=attention_mask, cu_seqlens=cu_seqlens, device=q.device
+        )
+    out = F.scaled_dot_product_attention(
+        q,
+        k,
+        v,
+        attn_mask=mask,
+        is_causal=causal and mask is None and lq == s,
+        enable_gqa=hq != k.shape[1],
+    )
+    return out.transpose(1, 2)

@@ -1,0 +1,227 @@
+"""Hugging Face `config.json` (transformers 4.57 or 5.x form) -> plain dataclasses our modules read.
+
+Only the keys the model needs are read; everything else in the source dict is kept verbatim in
+`ModelArgs.hf_config` so `save_pretrained` can write the file back unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+SUPPORTED_MODEL_TYPES = ("qwen3_vl", "qwen3_vl_moe")
+
+
+class ConfigError(ValueError):
+    """A config.json that cannot describe a Qwen3-VL model; the message names the key."""
+
+
+@dataclass
+class VisionArgs:
+    depth: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    out_hidden_size: int
+    num_position_embeddings: int
+    deepstack_visual_indexes: list[int]
+    in_channels: int = 3
+    patch_size: int = 16
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    hidden_act: str = "gelu_pytorch_tanh"
+    rope_theta: float = 10000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+
+@dataclass
+class TextArgs:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rope_theta: float
+    mrope_section: list[int]
+    rms_norm_eps: float = 1e-6
+    attention_bias: bool = False
+    hidden_act: str = "silu"
+    mrope_interleaved: bool = True
+    # MoE (qwen3_vl_moe); num_experts == 0 means every layer is dense.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list[int] = field(default_factory=list)
+    norm_topk_prob: bool = True
+    router_aux_loss_coef: float = 0.0
+
+    def is_sparse_layer(self, layer_idx: int) -> bool:
+        if self.num_experts <= 0 or layer_idx in self.mlp_only_layers:
+            return False
+        return (layer_idx + 1) % self.decoder_sparse_step == 0
+
+
+@dataclass
+class ModelArgs:
+    vision: VisionArgs
+    text: TextArgs
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    tie_word_embeddings: bool = False
+    model_type: str = "qwen3_vl"
+    hf_config: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.text.num_experts > 0
+
+
+def _req(d: dict, key: str, where: str):
+    if key not in d or d[key] is None:
+        raise ConfigError(f"{where}: missing required key '{key}'")
+    return d[key]
+
+
+def _rope_fields(text: dict, where: str) -> tuple[float, list[int], bool]:
+    """Read rope theta and mrope section from either `rope_parameters` (5.x) or `rope_scaling`+`rope_theta` (4.57)."""
+    params = text.get("rope_parameters")
+    scaling = text.get("rope_scaling")
+    theta_top = text.get("rope_theta")
+    if params is not None and scaling is not None and scaling != params:
+        sec_a, sec_b = params.get("mrope_section"), scaling.get("mrope_section")
+        if sec_a is not None and sec_b is not None and list(sec_a) != list(sec_b):
+            raise ConfigError(
+                f"{where}: 'rope_parameters.mrope_section' {sec_a} contradicts 'rope_scaling.mrope_section' {sec_b}"
+            )
+    src = params if params is not None else (scaling or {})
+    src_name = "rope_parameters" if params is not None else "rope_scaling"
+    theta = src.get("rope_theta", theta_top)
+    if theta is None:
+        raise ConfigError(f"{where}: missing 'rope_theta' (in '{src_name}' or at the top of text_config)")
+    if theta_top is not None and float(theta_top) != float(theta):
+        raise ConfigError(
+            f"{where}: 'rope_theta' {theta_top} contradicts '{src_name}.rope_theta' {theta}; keep one of them"
+        )
+    rope_type = src.get("rope_type", src.get("type", "default"))
+    if rope_type != "default":
+        raise ConfigError(f"{where}: '{src_name}.rope_type' is {rope_type!r}; only 'default' (mrope) is supported")
+    section = src.get("mrope_section")
+    if section is None:
+        raise ConfigError(f"{where}: missing '{src_name}.mrope_section'")
+    return float(theta), [int(s) for s in section], bool(src.get("mrope_interleaved", True))
+
+
+def args_from_hf_dict(cfg: dict[str, Any], where: str = "config.json") -> ModelArgs:
+    model_type = cfg.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(f"{where}: 'model_type' is {model_type!r}; expected one of {SUPPORTED_MODEL_TYPES}")
+    t = _req(cfg, "text_config", where)
+    v = _req(cfg, "vision_config", where)
+    tw, vw = f"{where} text_config", f"{where} vision_config"
+    theta, section, interleaved = _rope_fields(t, tw)
+    n_heads = int(_req(t, "num_attention_heads", tw))
+    hidden = int(_req(t, "hidden_size", tw))
+    head_dim = int(t.get("head_dim") or hidden // n_heads)
+    if sum(section) != head_dim // 2:
+        raise ConfigError(f"{tw}: mrope_section {section} must sum to head_dim/2 = {head_dim // 2}")
+    is_moe = model_type == "qwen3_vl_moe"
+    text = TextArgs(
+        vocab_size=int(_req(t, "vocab_size", tw)),
+        hidden_size=hidden,
+        intermediate_size=int(_req(t, "intermediate_size", tw)),
+        num_hidden_layers=int(_req(t, "num_hidden_layers", tw)),
+        num_attention_heads=n_heads,
+        num_key_value_heads=int(t.get("num_key_value_heads") or n_heads),
+        head_dim=head_dim,
+        rope_theta=theta,
+        mrope_section=section,
+        mrope_interleaved=interleaved,
+        rms_norm_eps=float(t.get("rms_norm_eps", 1e-6)),
+        attention_bias=bool(t.get("attention_bias", False)),
+        hidden_act=t.get("hidden_act", "silu"),
+        num_experts=int(_req(t, "num_experts", tw)) if is_moe else 0,
+        num_experts_per_tok=int(_req(t, "num_experts_per_tok", tw)) if is_moe else 0,
+        moe_intermediate_size=int(_req(t, "moe_intermediate_size", tw)) if is_moe else 0,
+        decoder_sparse_step=int(t.get("decoder_sparse_step", 1)),
+        mlp_only_layers=[int(i) for i in t.get("mlp_only_layers", []) or []],
+        norm_topk_prob=bool(t.get("norm_topk_prob", True)),
+        router_aux_loss_coef=float(t.get("router_aux_loss_coef", 0.001 if is_moe else 0.0)),
+    )
+    if text.hidden_act != "silu":
+        raise ConfigError(f"{tw}: 'hidden_act' {text.hidden_act!r} is not supported (Qwen3-VL uses 'silu')")
+    if text.num_attention_heads % text.num_key_value_heads:
+        raise ConfigError(
+            f"{tw}: num_attention_heads {n_heads} is not a multiple of num_key_value_heads {text.num_key_value_heads}"
+        )
+    v_rope = v.get("rope_parameters") or {}
+    vision = VisionArgs(
+        depth=int(_req(v, "depth", vw)),
+        hidden_size=int(_req(v, "hidden_size", vw)),
+        intermediate_size=int(_req(v, "intermediate_size", vw)),
+        num_heads=int(_req(v, "num_heads", vw)),
+        out_hidden_size=int(_req(v, "out_hidden_size", vw)),
+        num_position_embeddings=int(_req(v, "num_position_embeddings", vw)),
+        deepstack_visual_indexes=[int(i) for i in v.get("deepstack_visual_indexes", [])],
+        in_channels=int(v.get("in_channels", 3)),
+        patch_size=int(v.get("patch_size", 16)),
+        temporal_patch_size=int(v.get("temporal_patch_size", 2)),
+        spatial_merge_size=int(v.get("spatial_merge_size", 2)),
+        hidden_act=v.get("hidden_act", "gelu_pytorch_tanh"),
+        rope_theta=float(v_rope.get("rope_theta", 10000.0)),
+    )
+    if vision.out_hidden_size != text.hidden_size:
+        raise ConfigError(
+            f"{vw}: 'out_hidden_size' {vision.out_hidden_size} must equal text_config.hidden_size {text.hidden_size}"
+        )
+    side = int(round(vision.num_position_embeddings**0.5))
+    if side * side != vision.num_position_embeddings:
+        raise ConfigError(f"{vw}: 'num_position_embeddings' {vision.num_position_embeddings} is not a square")
+    bad = [i for i in vision.deepstack_visual_indexes if not 0 <= i < vision.depth]
+    if bad:
+        raise ConfigError(f"{vw}: 'deepstack_visual_indexes' {bad} outside [0, depth={vision.depth})")
+    if len(vision.deepstack_visual_indexes) > text.num_hidden_layers:
+        raise ConfigError(f"{vw}: more deepstack indexes than text decoder layers")
+    if vision.hidden_act not in ("gelu_pytorch_tanh", "gelu"):
+        raise ConfigError(f"{vw}: 'hidden_act' {vision.hidden_act!r} is not supported")
+    # 5.x keeps tie_word_embeddings at the top; 4.57 checkpoints may carry it in text_config only.
+    tie = cfg.get("tie_word_embeddings", t.get("tie_word_embeddings", False))
+    return ModelArgs(
+        vision=vision,
+        text=text,
+        image_token_id=int(cfg.get("image_token_id", 151655)),
+        video_token_id=int(cfg.get("video_token_id", 151656)),
+        vision_start_token_id=int(cfg.get("vision_start_token_id", 151652)),
+        vision_end_token_id=int(cfg.get("vision_end_token_id", 151653)),
+        tie_word_embeddings=bool(tie),
+        model_type=model_type,
+        hf_config=copy.deepcopy(cfg),
+    )
+
+
+def load_config(path: str | os.PathLike) -> ModelArgs:
+    """Read `config.json` from a checkpoint directory (or the file itself)."""
+    path = os.fspath(path)
+    file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    if not os.path.exists(file):
+        raise ConfigError(f"{file}: not found; expected a Hugging Face Qwen3-VL checkpoint directory")
+    try:
+        with open(file) as f:
+            cfg = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{file}: invalid JSON at line {e.lineno}: {e.msg}") from e
+    return args_from_hf_dict(cfg, where=file)

@@ -1,0 +1,218 @@
+"""Hugging Face checkpoint IO: key maps, streaming load onto a meta-built model, sharded save.
+
+Our parameter names are the transformers names without the `model.` prefix (`visual.*`,
+`language_model.*`); `lm_head.weight` is the same. The only stored-shape difference in the dense model
+is the patch embedding, a Linear `[D, C*T*P*P]` here and a Conv3d `[D, C, T, P, P]` in checkpoints.
+MoE expert tensors are converted by `moe.py`'s layout functions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import ModelArgs, load_config
+
+ASSET_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+    "processor_config.json",
+    "generation_config.json",
+)
+_PATCH = "visual.patch_embed.proj.weight"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that does not match the model its config describes."""
+
+
+def hf_to_native_name(hf_name: str) -> str | None:
+    if hf_name.startswith("model."):
+        return hf_name[len("model.") :]
+    if hf_name == "lm_head.weight":
+        return hf_name
+    return None
+
+
+def native_to_hf_name(name: str) -> str:
+    return name if name == "lm_head.weight" else "model." + name
+
+
+def tensor_from_hf(name: str, tensor: torch.Tensor, args: ModelArgs, ctx: dict) -> torch.Tensor:
+    """Checkpoint tensor -> our parameter layout."""
+    if name == _PATCH:
+        return tensor.reshape(tensor.shape[0], -1)
+    if args.is_moe and ".mlp.experts." in name:
+        from .moe import expert_tensor_from_hf
+
+        return expert_tensor_from_hf(name, tensor, args, ctx)
+    return tensor
+
+
+def tensor_to_hf(name: str, tensor: torch.Tensor, args: ModelArgs) -> torch.Tensor:
+    """Our parameter -> checkpoint layout (the layout of real hub checkpoints)."""
+    v = args.vision
+    if name == _PATCH:
+        return tensor.reshape(-1, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
+    if args.is_moe and ".mlp.experts." in name:
+        from .moe import expert_tensor_to_hf
+
+        return expert_tensor_to_hf(name, tensor, args)
+    return tensor
+
+
+def checkpoint_files(path: str) -> list[str]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not os.path.exists(os.path.join(path, f))]
+        if missing:
+            raise CheckpointError(f"{index}: lists shard(s) that do not exist: {missing}")
+        return [os.path.join(path, f) for f in files]
+    single = os.path.join(path, "model.safetensors")
+    if os.path.exists(single):
+        return [single]
+    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json found")
+
+
+def iter_checkpoint(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """(hf_name, tensor) for every tensor, one at a time."""
+    for file in checkpoint_files(path):
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+
+
+def _config_dtype(args: ModelArgs) -> torch.dtype:
+    name = args.hf_config.get("dtype") or args.hf_config.get("torch_dtype") or "float32"
+    return getattr(torch, str(name).replace("torch.", ""))
+
+
+def load_pretrained(path, dtype: torch.dtype | str | None = None, device=None):
+    """Build on the meta device, allocate once on `device`, stream tensors in one by one."""
+    from .model import Qwen3VL
+
+    path = os.fspath(path)
+    args = load_config(path)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    dtype = dtype or _config_dtype(args)
+    with torch.device("meta"):
+        model = Qwen3VL(args)
+    model = model.to(dtype=dtype).to_empty(device=device or "cpu")
+    model.tie_weights()
+    load_weights(model, path)
+    model.source_dir = path
+    return model
+
+
+@torch.no_grad()
+def load_weights(model, path: str, names: set[str] | None = None) -> None:
+    """Copy checkpoint tensors into `model`'s (already allocated) parameters; `names` limits which ones."""
+    args = model.args
+    params = dict(model.named_parameters(remove_duplicate=False))
+    wanted = set(params) if names is None else set(names)
+    if args.tie_word_embeddings:
+        wanted.discard("lm_head.weight")
+    ctx: dict = {"checkpoint_dir": path}
+    loaded, unexpected = set(), []
+    for hf_name, tensor in iter_checkpoint(path):
+        name = hf_to_native_name(hf_name)
+        if name == "lm_head.weight" and args.tie_word_embeddings:
+            continue  # tied: the embedding is the source of truth
+        if name not in params:
+            unexpected.append(hf_name)
+            continue
+        if name not in wanted:
+            continue
+        value = tensor_from_hf(name, tensor, args, ctx)
+        param = params[name]
+        if tuple(value.shape) != tuple(param.shape):
+            raise CheckpointError(
+                f"{path}: '{hf_name}' has shape {tuple(tensor.shape)}, the config implies {tuple(param.shape)}"
+            )
+        param.copy_(value.to(param.dtype))
+        loaded.add(name)
+    if unexpected:
+        raise CheckpointError(f"{path}: tensors the model does not have: {sorted(unexpected)[:10]}")
+    missing = sorted(wanted - loaded)
+    if missing:
+        raise CheckpointError(f"{path}: tensors missing from the checkpoint: {missing[:10]}")
+
+
+def hf_state_items(model) -> Iterator[tuple[str, torch.Tensor]]:
+    """(hf_name, tensor) in checkpoint layout; the tied lm_head is skipped as transformers does."""
+    args = model.args
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and args.tie_word_embeddings:
+            continue
+        yield native_to_hf_name(name), tensor_to_hf(name, tensor.detach(), args)
+
+
+def save_pretrained(model, out_dir, *, source_dir=None, max_shard_bytes: int = 5 * 2**30) -> None:
+    """HF-layout safetensors shards + index + config.json (+ tokenizer/processor files from the source)."""
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    args = model.args
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    dtype = None
+    for hf_name, tensor in hf_state_items(model):
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][hf_name] = tensor
+        size += nbytes
+        dtype = dtype or tensor.dtype
+    n = len(shards)
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        cpu = {k: v.to("cpu").contiguous().clone() if v.is_cuda else v.contiguous() for k, v in shard.items()}
+        save_file(cpu, os.path.join(out_dir, fname), metadata={"format": "pt"})
+        for k, v in cpu.items():
+            weight_map[k] = fname
+            total += v.numel() * v.element_size()
+        del cpu
+    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
+    stale = os.path.join(out_dir, "model.safetensors")
+    if os.path.exists(stale):
+        os.remove(stale)  # transformers would prefer a single file left by an earlier save
+    cfg = json.loads(json.dumps(args.hf_config))
+    dname = str(dtype).replace("torch.", "") if dtype is not None else "float32"
+    cfg["dtype"] = dname
+    if "torch_dtype" in cfg:
+        cfg["torch_dtype"] = dname
+    if not cfg.get("architectures"):
+        cfg["architectures"] = [
+            "Qwen3VLMoeForConditionalGeneration" if args.is_moe else "Qwen3VLForConditionalGeneration"
+        ]
+    if args.is_moe:
+        from .moe import annotate_saved_config
+
+        annotate_saved_config(cfg)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    src = source_dir or getattr(model, "source_dir", None)
+    if src and os.path.abspath(src) != os.path.abspath(out_dir):
+        for name in ASSET_FILES:
+            if os.path.exists(os.path.join(src, name)):
+                shutil.copy2(os.path.join(src, name), os.path.join(out_dir, name))

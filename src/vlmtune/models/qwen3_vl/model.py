@@ -1,0 +1,184 @@
+"""Qwen3-VL: vision tower + text decoder + lm_head, with the forward signature users know from transformers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import build_mask, varlen_attn
+from .config import ModelArgs
+from .rope import get_rope_index, text_rope_cos_sin
+from .text import TextDecoder
+from .vision import VisionTower
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor | None = None
+    loss: torch.Tensor | None = None
+    hidden_states: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+
+
+def shift_labels(labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """Targets for next-token prediction: `out[:, i] = labels[:, i + 1]`, -100 at each sample's last token."""
+    out = F.pad(labels[:, 1:], (0, 1), value=-100)
+    if cu_seqlens is not None:
+        out[:, (cu_seqlens[1:-1] - 1).long()] = -100
+    return out
+
+
+class Qwen3VL(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.visual = VisionTower(args.vision)
+        self.language_model = TextDecoder(args.text)
+        self.lm_head = nn.Linear(args.text.hidden_size, args.text.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.args.tie_word_embeddings:
+            self.lm_head.weight = self.language_model.embed_tokens.weight
+
+    # ----------------------------------------------------------------------------------------------
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor] | None]:
+        """Token embeddings with vision features scattered in; returns (embeds, visual_index, deepstack)."""
+        a = self.args
+        h = self.language_model.embed_tokens(input_ids)
+        patches, grids, kinds = [], [], []
+        if pixel_values is not None:
+            patches.append(pixel_values)
+            grids.append(image_grid_thw)
+            kinds.append(("image", a.image_token_id, image_grid_thw))
+        if pixel_values_videos is not None:
+            patches.append(pixel_values_videos)
+            grids.append(video_grid_thw)
+            kinds.append(("video", a.video_token_id, video_grid_thw))
+        if not patches:
+            return h, None, None
+        # One pass over images and videos together: attention is per image/frame-pair anyway.
+        dtype = self.visual.patch_embed.proj.weight.dtype
+        feats, deepstack = self.visual(torch.cat(patches).to(dtype), torch.cat(grids))
+        b, n, d = h.shape
+        flat_ids = input_ids.reshape(-1)
+        index, start = [], 0
+        for kind, token_id, grid in kinds:
+            idx = (flat_ids == token_id).nonzero().squeeze(1)
+            count = int(grid.prod(-1).sum()) // a.vision.spatial_merge_size**2
+            if idx.numel() != count:
+                raise ValueError(
+                    f"{kind} placeholder tokens ({idx.numel()}) do not match the {kind} features ({count}) "
+                    f"from {kind}_grid_thw={grid.tolist()}"
+                )
+            index.append(idx)
+            start += count
+        visual_index = torch.cat(index)
+        h = h.reshape(b * n, d).index_copy(0, visual_index, feats.to(h.dtype)).view(b, n, d)
+        return h, visual_index, deepstack
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        cache=None,
+        return_hidden: bool = False,
+        logits_to_keep: int = 0,
+    ) -> ModelOutput:
+        """Padded batch (`attention_mask [B, L]`), packed row (`B == 1`, `cu_seqlens`, per-sample
+        `position_ids [3, 1, L]`) or cached decode (`cache`, explicit `position_ids`).
+
+        `return_hidden=True` skips the lm_head and returns the final hidden states (chunked losses).
+        """
+        a = self.args
+        if cu_seqlens is not None and input_ids.shape[0] != 1:
+            raise ValueError("packed input (cu_seqlens) must be a single row: input_ids [1, L]")
+        if attention_mask is not None and bool(attention_mask.all()) and cache is None:
+            attention_mask = None  # no padding: plain causal attention is faster and identical
+        h, visual_index, deepstack = self.embed(
+            input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
+        )
+        if position_ids is None:
+            if cu_seqlens is not None:
+                raise ValueError("packed input needs per-sample position_ids [3, 1, L] (see rope.get_rope_index)")
+            if cache is not None and cache.seq_len > 0:
+                raise ValueError("cached decoding needs explicit position_ids (the generator computes them)")
+            position_ids, _ = get_rope_index(
+                input_ids,
+                image_grid_thw,
+                video_grid_thw,
+                attention_mask,
+                image_token_id=a.image_token_id,
+                video_token_id=a.video_token_id,
+                spatial_merge_size=a.vision.spatial_merge_size,
+            )
+        if position_ids.ndim == 2:
+            position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
+        cos, sin = text_rope_cos_sin(
+            position_ids.to(h.device), a.text.head_dim, a.text.rope_theta, a.text.mrope_section, h.dtype
+        )
+        lq = input_ids.shape[1]
+        s = lq + (cache.seq_len if cache is not None else 0)
+        flash = varlen_attn is not None and h.is_cuda and h.dtype in (torch.bfloat16, torch.float16)
+        mask = None
+        if not (flash and cu_seqlens is not None):
+            mask = build_mask(
+                lq, s, causal=True, attention_mask=attention_mask, cu_seqlens=cu_seqlens, device=h.device
+            )
+        h = self.language_model(
+            h,
+            cos,
+            sin,
+            visual_index=visual_index,
+            deepstack=deepstack,
+            attention_mask=attention_mask,
+            cu_seqlens=cu_seqlens,
+            mask=mask,
+            cache=cache,
+        )
+        aux = self.aux_loss()
+        if return_hidden:
+            return ModelOutput(hidden_states=h, aux_loss=aux)
+        logits = self.lm_head(h if logits_to_keep <= 0 else h[:, -logits_to_keep:])
+        loss = None
+        if labels is not None:
+            target = shift_labels(labels, cu_seqlens)
+            valid = (target != -100).sum()
+            loss = F.cross_entropy(
+                logits.float().flatten(0, 1), target.flatten().to(logits.device), ignore_index=-100, reduction="sum"
+            ) / valid.clamp(min=1)
+        return ModelOutput(logits=logits, loss=loss, aux_loss=aux)
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """Router load-balancing loss of the last forward (MoE models); None for dense ones."""
+        losses = [m.last_aux_loss for m in self.modules() if getattr(m, "last_aux_loss", None) is not None]
+        return torch.stack(losses).sum() if losses else None
+
+    # ----------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device=None) -> Qwen3VL:
+        from .hf_io import load_pretrained
+
+        return load_pretrained(path, dtype=dtype, device=device)
+
+    def save_pretrained(self, out_dir, *, source_dir=None, max_shard_bytes: int = 5 * 2**30) -> None:
+        from .hf_io import save_pretrained
+
+        save_pretrained(self, out_dir, source_dir=source_dir, max_shard_bytes=max_shard_bytes)

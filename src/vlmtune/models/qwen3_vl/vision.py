@@ -1,0 +1,158 @@
+"""Qwen3-VL vision tower: patch embedding, interpolated learned positions, 2D-rotary ViT blocks, mergers.
+
+Input is the processor's flattened patches `[N, C*T*P*P]` (N = sum of t*h*w over all images and videos,
+patches in 2x2-merge block order) plus `grid_thw [n, 3]`. Output is the merged features `[N/4, D_text]` and
+one DeepStack feature of the same shape per index in `deepstack_visual_indexes`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import attention, build_mask
+from .config import VisionArgs
+from .rope import apply_rotary, vision_rope_cos_sin
+
+
+def _act(name: str):
+    return nn.GELU(approximate="tanh") if name == "gelu_pytorch_tanh" else nn.GELU()
+
+
+class PatchEmbed(nn.Module):
+    """The checkpoint's Conv3d with stride == kernel is a Linear over flattened patches; we store it as one.
+
+    `proj.weight` is `[D, C*T*P*P]`; hf_io reshapes the checkpoint's `[D, C, T, P, P]` on load and save.
+    """
+
+    def __init__(self, args: VisionArgs):
+        super().__init__()
+        self.proj = nn.Linear(args.patch_dim, args.hidden_size, bias=True)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        return self.proj(patches.to(self.proj.weight.dtype))
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, args: VisionArgs):
+        super().__init__()
+        self.num_heads = args.num_heads
+        self.qkv = nn.Linear(args.hidden_size, 3 * args.hidden_size, bias=True)
+        self.proj = nn.Linear(args.hidden_size, args.hidden_size, bias=True)
+
+    def forward(self, x, cos, sin, cu_seqlens, mask):
+        n = x.shape[0]
+        q, k, v = self.qkv(x).view(n, 3, self.num_heads, -1).unbind(1)  # [N, H, Dh]
+        # Rotary in fp32 as the reference does, then back to the activation dtype.
+        q = apply_rotary(q.float(), cos[:, None], sin[:, None]).to(x.dtype)
+        k = apply_rotary(k.float(), cos[:, None], sin[:, None]).to(x.dtype)
+        q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        out = attention(q, k, v, causal=False, cu_seqlens=cu_seqlens, mask=mask)
+        return self.proj(out.reshape(n, -1))
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, args: VisionArgs):
+        super().__init__()
+        self.linear_fc1 = nn.Linear(args.hidden_size, args.intermediate_size, bias=True)
+        self.linear_fc2 = nn.Linear(args.intermediate_size, args.hidden_size, bias=True)
+        self.act = _act(args.hidden_act)
+
+    def forward(self, x):
+        return self.linear_fc2(self.act(self.linear_fc1(x)))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, args: VisionArgs):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(args.hidden_size, eps=1e-6)
+        self.norm2 = nn.LayerNorm(args.hidden_size, eps=1e-6)
+        self.attn = VisionAttention(args)
+        self.mlp = VisionMLP(args)
+
+    def forward(self, x, cos, sin, cu_seqlens, mask=None):
+        x = x + self.attn(self.norm1(x), cos, sin, cu_seqlens, mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerger(nn.Module):
+    """2x2 neighbouring patches -> one token of the text width. DeepStack mergers normalise after the shuffle."""
+
+    def __init__(self, args: VisionArgs, postshuffle_norm: bool):
+        super().__init__()
+        self.merged = args.hidden_size * args.spatial_merge_size**2
+        self.postshuffle_norm = postshuffle_norm
+        self.norm = nn.LayerNorm(self.merged if postshuffle_norm else args.hidden_size, eps=1e-6)
+        self.linear_fc1 = nn.Linear(self.merged, self.merged)
+        self.act = nn.GELU()
+        self.linear_fc2 = nn.Linear(self.merged, args.out_hidden_size)
+
+    def forward(self, x):
+        x = self.norm(x.view(-1, self.merged)) if self.postshuffle_norm else self.norm(x).view(-1, self.merged)
+        return self.linear_fc2(self.act(self.linear_fc1(x)))
+
+
+def interpolation_taps(grid_thw: torch.Tensor, side: int, merge: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bilinear (align_corners) taps into the `side x side` position table for every patch: indices, weights `[N, 4]`."""
+    idx, wts = [], []
+    for t, h, w in grid_thw.tolist():
+        rows = _axis_taps(h, side, grid_thw.device)
+        cols = _axis_taps(w, side, grid_thw.device)
+        # [h, w, 4] tap tables over the raster grid, then reordered to 2x2-merge block order.
+        i = (rows[0][:, None, :, None] * side + cols[0][None, :, None, :]).reshape(h, w, 4)
+        wt = (rows[1][:, None, :, None] * cols[1][None, :, None, :]).reshape(h, w, 4)
+        for tab, dst in ((i, idx), (wt, wts)):
+            tab = tab.view(h // merge, merge, w // merge, merge, 4).transpose(1, 2).reshape(-1, 4)
+            dst.append(tab.repeat(t, 1))
+    return torch.cat(idx), torch.cat(wts)
+
+
+def _axis_taps(size: int, side: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    pos = torch.arange(size, dtype=torch.float32, device=device) * (side - 1) / max(size - 1, 1)
+    lo = pos.floor()
+    frac = pos - lo
+    taps = torch.stack([lo, lo + 1], dim=-1).long().clamp(0, side - 1)
+    return taps, torch.stack([1 - frac, frac], dim=-1)
+
+
+def vision_cu_seqlens(grid_thw: torch.Tensor) -> torch.Tensor:
+    """Attention segments: every image, and every frame-pair of a video, attends only within itself."""
+    lens = torch.repeat_interleave(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0])
+    return F.pad(lens.cumsum(0, dtype=torch.int32), (1, 0))
+
+
+class VisionTower(nn.Module):
+    def __init__(self, args: VisionArgs):
+        super().__init__()
+        self.args = args
+        self.patch_embed = PatchEmbed(args)
+        self.pos_embed = nn.Embedding(args.num_position_embeddings, args.hidden_size)
+        self.blocks = nn.ModuleDict({str(i): VisionBlock(args) for i in range(args.depth)})
+        self.merger = PatchMerger(args, postshuffle_norm=False)
+        self.deepstack_merger_list = nn.ModuleList(
+            [PatchMerger(args, postshuffle_norm=True) for _ in args.deepstack_visual_indexes]
+        )
+
+    def forward(self, patches: torch.Tensor, grid_thw: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        a = self.args
+        side = int(round(a.num_position_embeddings**0.5))
+        grid_thw = grid_thw.to(patches.device)
+        x = self.patch_embed(patches)
+        taps, weights = interpolation_taps(grid_thw, side, a.spatial_merge_size)
+        pos = (self.pos_embed(taps) * weights[..., None].to(self.pos_embed.weight.dtype)).sum(1)
+        x = x + pos.to(x.dtype)
+        cos, sin = vision_rope_cos_sin(grid_thw, a.head_dim, a.rope_theta, a.spatial_merge_size)
+        cu_seqlens = vision_cu_seqlens(grid_thw)
+        mask = None
+        if not (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)):
+            mask = build_mask(
+                x.shape[0], x.shape[0], causal=False, attention_mask=None, cu_seqlens=cu_seqlens, device=x.device
+            )
+        deepstack = []
+        for i, block in self.blocks.items():
+            x = block(x, cos, sin, cu_seqlens, mask)
+            if int(i) in a.deepstack_visual_indexes:
+                j = a.deepstack_visual_indexes.index(int(i))
+                deepstack.append(self.deepstack_merger_list[j](x))
+        return self.merger(x), deepstack
