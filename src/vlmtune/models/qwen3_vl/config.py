@@ -119,11 +119,15 @@ def _rope_fields(text: dict, where: str) -> tuple[float, list[int], bool]:
         )
     rope_type = src.get("rope_type", src.get("type", "default"))
     if rope_type != "default":
-        raise ConfigError(f"{where}: '{src_name}.rope_type' is {rope_type!r}; only 'default' (mrope) is supported")
+        raise ConfigError(
+            f"{where}: '{src_name}.rope_type' is {rope_type!r}; only 'default' (mrope) is supported"
+        )
     section = src.get("mrope_section")
     if section is None:
         raise ConfigError(f"{where}: missing '{src_name}.mrope_section'")
-    return float(theta), [int(s) for s in section], bool(src.get("mrope_interleaved", True))
+    if not src.get("mrope_interleaved", True):
+        raise ConfigError(f"{where}: '{src_name}.mrope_interleaved' is false; Qwen3-VL uses interleaved MRoPE")
+    return float(theta), [int(s) for s in section], True
 
 
 def args_from_hf_dict(cfg: dict[str, Any], where: str = "config.json") -> ModelArgs:

@@ -192,7 +192,9 @@ def save_pretrained(model, out_dir, *, source_dir=None, max_shard_bytes: int = 5
             total += v.numel() * v.element_size()
         del cpu
     with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
+        json.dump(
+            {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2
+        )
     stale = os.path.join(out_dir, "model.safetensors")
     if os.path.exists(stale):
         os.remove(stale)  # transformers would prefer a single file left by an earlier save

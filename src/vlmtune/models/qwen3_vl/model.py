@@ -72,7 +72,7 @@ class Qwen3VL(nn.Module):
         feats, deepstack = self.visual(torch.cat(patches).to(dtype), torch.cat(grids))
         b, n, d = h.shape
         flat_ids = input_ids.reshape(-1)
-        index, start = [], 0
+        index = []
         for kind, token_id, grid in kinds:
             idx = (flat_ids == token_id).nonzero().squeeze(1)
             count = int(grid.prod(-1).sum()) // a.vision.spatial_merge_size**2
@@ -82,7 +82,6 @@ class Qwen3VL(nn.Module):
                     f"from {kind}_grid_thw={grid.tolist()}"
                 )
             index.append(idx)
-            start += count
         visual_index = torch.cat(index)
         h = h.reshape(b * n, d).index_copy(0, visual_index, feats.to(h.dtype)).view(b, n, d)
         return h, visual_index, deepstack
@@ -117,7 +116,9 @@ class Qwen3VL(nn.Module):
         )
         if position_ids is None:
             if cu_seqlens is not None:
-                raise ValueError("packed input needs per-sample position_ids [3, 1, L] (see rope.get_rope_index)")
+                raise ValueError(
+                    "packed input needs per-sample position_ids [3, 1, L] (see rope.get_rope_index)"
+                )
             if cache is not None and cache.seq_len > 0:
                 raise ValueError("cached decoding needs explicit position_ids (the generator computes them)")
             position_ids, _ = get_rope_index(
@@ -162,7 +163,10 @@ class Qwen3VL(nn.Module):
             target = shift_labels(labels, cu_seqlens)
             valid = (target != -100).sum()
             loss = F.cross_entropy(
-                logits.float().flatten(0, 1), target.flatten().to(logits.device), ignore_index=-100, reduction="sum"
+                logits.float().flatten(0, 1),
+                target.flatten().to(logits.device),
+                ignore_index=-100,
+                reduction="sum",
             ) / valid.clamp(min=1)
         return ModelOutput(logits=logits, loss=loss, aux_loss=aux)
 

@@ -54,7 +54,9 @@ def sample_positions(
         gh, gw = h // spatial_merge_size, w // spatial_merge_size
         count = t * gh * gw
         if i + count > n or any(x != tok for x in ids[i : i + count]):
-            raise ValueError(f"{kind} block at token {i} is shorter than its grid ({t}x{h}x{w} -> {count} tokens)")
+            raise ValueError(
+                f"{kind} block at token {i} is shorter than its grid ({t}x{h}x{w} -> {count} tokens)"
+            )
         tt = torch.arange(t).view(-1, 1, 1).expand(t, gh, gw)
         hh = torch.arange(gh).view(1, -1, 1).expand(t, gh, gw)
         ww = torch.arange(gw).view(1, 1, -1).expand(t, gh, gw)
@@ -85,7 +87,11 @@ def get_rope_index(
     images = _grid_iter(image_grid_thw, split_time=False)
     videos = _grid_iter(video_grid_thw, split_time=True)
     for b in range(bsz):
-        keep = attention_mask[b].bool().cpu() if attention_mask is not None else torch.ones(seqlen, dtype=torch.bool)
+        keep = (
+            attention_mask[b].bool().cpu()
+            if attention_mask is not None
+            else torch.ones(seqlen, dtype=torch.bool)
+        )
         ids = input_ids[b].cpu()[keep]
         if ids.numel() == 0:
             continue

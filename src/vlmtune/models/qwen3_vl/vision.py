@@ -89,7 +89,11 @@ class PatchMerger(nn.Module):
         self.linear_fc2 = nn.Linear(self.merged, args.out_hidden_size)
 
     def forward(self, x):
-        x = self.norm(x.view(-1, self.merged)) if self.postshuffle_norm else self.norm(x).view(-1, self.merged)
+        x = (
+            self.norm(x.view(-1, self.merged))
+            if self.postshuffle_norm
+            else self.norm(x).view(-1, self.merged)
+        )
         return self.linear_fc2(self.act(self.linear_fc1(x)))
 
 
@@ -134,7 +138,9 @@ class VisionTower(nn.Module):
             [PatchMerger(args, postshuffle_norm=True) for _ in args.deepstack_visual_indexes]
         )
 
-    def forward(self, patches: torch.Tensor, grid_thw: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(
+        self, patches: torch.Tensor, grid_thw: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         a = self.args
         side = int(round(a.num_position_embeddings**0.5))
         grid_thw = grid_thw.to(patches.device)
@@ -147,7 +153,12 @@ class VisionTower(nn.Module):
         mask = None
         if not (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)):
             mask = build_mask(
-                x.shape[0], x.shape[0], causal=False, attention_mask=None, cu_seqlens=cu_seqlens, device=x.device
+                x.shape[0],
+                x.shape[0],
+                causal=False,
+                attention_mask=None,
+                cu_seqlens=cu_seqlens,
+                device=x.device,
             )
         deepstack = []
         for i, block in self.blocks.items():

@@ -1,0 +1,78 @@
+"""Hand-built Qwen3-VL inputs for model tests: token ids with expanded vision blocks plus random patches."""
+
+from __future__ import annotations
+
+import torch
+
+IMAGE, VIDEO, START, END = 151655, 151656, 151652, 151653
+PATCH_DIM = 3 * 2 * 16 * 16
+
+
+def build_sample(segments, seed: int = 0) -> dict:
+    """`segments`: ints (that many random text tokens), ("image", h, w) or ("video", t, h, w) in patch units.
+
+    A video gets one `<timestamp text> <|vision_start|> pads <|vision_end|>` block per frame-pair, as Qwen3-VL's
+    processor lays it out. Returns input_ids [1, L], mm_token_type_ids, pixel/grid tensors (None when absent).
+    """
+    g = torch.Generator().manual_seed(seed)
+    ids, types = [], []
+    images, image_grids, videos, video_grids = [], [], [], []
+    for seg in segments:
+        if isinstance(seg, int):
+            ids += torch.randint(0, 150000, (seg,), generator=g).tolist()
+            types += [0] * seg
+        elif seg[0] == "image":
+            _, h, w = seg
+            n = h * w // 4
+            ids += [START] + [IMAGE] * n + [END]
+            types += [0] + [1] * n + [0]
+            images.append(torch.randn(h * w, PATCH_DIM, generator=g))
+            image_grids.append([1, h, w])
+        else:
+            _, t, h, w = seg
+            n = h * w // 4
+            for _ in range(t):
+                stamp = torch.randint(0, 150000, (3,), generator=g).tolist()  # "<x.y seconds>"
+                ids += stamp + [START] + [VIDEO] * n + [END]
+                types += [0, 0, 0, 0] + [2] * n + [0]
+            videos.append(torch.randn(t * h * w, PATCH_DIM, generator=g))
+            video_grids.append([t, h, w])
+    return {
+        "input_ids": torch.tensor([ids]),
+        "mm_token_type_ids": torch.tensor([types]),
+        "pixel_values": torch.cat(images) if images else None,
+        "image_grid_thw": torch.tensor(image_grids) if images else None,
+        "pixel_values_videos": torch.cat(videos) if videos else None,
+        "video_grid_thw": torch.tensor(video_grids) if videos else None,
+    }
+
+
+def pad_batch(samples: list[dict], side: str) -> dict:
+    """Pad single-row samples into one batch (pad id 0) on the `side` ('left'|'right'); media concatenated."""
+    length = max(s["input_ids"].shape[1] for s in samples)
+    ids, types, mask = [], [], []
+    for s in samples:
+        n = s["input_ids"].shape[1]
+        pad = torch.zeros(1, length - n, dtype=torch.long)
+        cat = (lambda a, b: torch.cat([b, a], 1)) if side == "left" else (lambda a, b: torch.cat([a, b], 1))
+        ids.append(cat(s["input_ids"], pad))
+        types.append(cat(s["mm_token_type_ids"], pad))
+        mask.append(cat(torch.ones(1, n, dtype=torch.long), pad))
+    out = {
+        "input_ids": torch.cat(ids),
+        "mm_token_type_ids": torch.cat(types),
+        "attention_mask": torch.cat(mask),
+    }
+    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+        parts = [s[key] for s in samples if s[key] is not None]
+        out[key] = torch.cat(parts) if parts else None
+    return out
+
+
+def ours_kwargs(inputs: dict) -> dict:
+    """Our forward takes no mm_token_type_ids: vision positions come from the token ids."""
+    return {k: v for k, v in inputs.items() if k != "mm_token_type_ids" and v is not None}
+
+
+def hf_kwargs(inputs: dict) -> dict:
+    return {k: v for k, v in inputs.items() if v is not None}
