@@ -1,8 +1,9 @@
 """Hugging Face checkpoint IO: key maps, streaming load onto a meta-built model, sharded save.
 
 Our parameter names are the transformers names without the `model.` prefix (`visual.*`,
-`language_model.*`); `lm_head.weight` is the same. The only stored-shape difference in the dense model
-is the patch embedding, a Linear `[D, C*T*P*P]` here and a Conv3d `[D, C, T, P, P]` in checkpoints.
+`language_model.*`); `lm_head.weight` is the same. Two dense-model tensors differ from checkpoints: the
+patch embedding (a Linear `[D, C*T*P*P]` here, a Conv3d `[D, C, T, P, P]` there) and the vision attention's
+fused `attn.qkv` (three `q_proj/k_proj/v_proj` Linears here, so tensor parallelism can shard each by heads).
 MoE expert tensors are converted by `moe.py`'s layout functions.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 
@@ -34,6 +36,7 @@ ASSET_FILES = (
     "generation_config.json",
 )
 _PATCH = "visual.patch_embed.proj.weight"
+_QKV = re.compile(r"^(visual\.blocks\.\d+\.attn\.)(qkv|q_proj|k_proj|v_proj)\.(weight|bias)$")
 
 
 class CheckpointError(ValueError):
@@ -52,15 +55,23 @@ def native_to_hf_name(name: str) -> str:
     return name if name == "lm_head.weight" else "model." + name
 
 
-def tensor_from_hf(name: str, tensor: torch.Tensor, args: ModelArgs, ctx: dict) -> torch.Tensor:
-    """Checkpoint tensor -> our parameter layout."""
+def tensors_from_hf(
+    name: str, tensor: torch.Tensor, args: ModelArgs, ctx: dict
+) -> list[tuple[str, torch.Tensor]]:
+    """One checkpoint tensor (under our name) -> the native (name, tensor) pairs it holds."""
     if name == _PATCH:
-        return tensor.reshape(tensor.shape[0], -1)
+        return [(name, tensor.reshape(tensor.shape[0], -1))]
+    m = _QKV.match(name)
+    if m and m.group(2) == "qkv":
+        return [
+            (f"{m.group(1)}{p}.{m.group(3)}", t)
+            for p, t in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3))
+        ]
     if args.is_moe and ".mlp.experts." in name:
         from .moe import expert_tensor_from_hf
 
-        return expert_tensor_from_hf(name, tensor, args, ctx)
-    return tensor
+        return [(name, expert_tensor_from_hf(name, tensor, args, ctx))]
+    return [(name, tensor)]
 
 
 def tensor_to_hf(name: str, tensor: torch.Tensor, args: ModelArgs) -> torch.Tensor:
@@ -136,19 +147,22 @@ def load_weights(model, path: str, names: set[str] | None = None) -> None:
         name = hf_to_native_name(hf_name)
         if name == "lm_head.weight" and args.tie_word_embeddings:
             continue  # tied: the embedding is the source of truth
-        if name not in params:
+        if name is None:
             unexpected.append(hf_name)
             continue
-        if name not in wanted:
-            continue
-        value = tensor_from_hf(name, tensor, args, ctx)
-        param = params[name]
-        if tuple(value.shape) != tuple(param.shape):
-            raise CheckpointError(
-                f"{path}: '{hf_name}' has shape {tuple(tensor.shape)}, the config implies {tuple(param.shape)}"
-            )
-        param.copy_(value.to(param.dtype))
-        loaded.add(name)
+        for native, value in tensors_from_hf(name, tensor, args, ctx):
+            if native not in params:
+                unexpected.append(hf_name)
+                continue
+            if native not in wanted:
+                continue
+            param = params[native]
+            if tuple(value.shape) != tuple(param.shape):
+                raise CheckpointError(
+                    f"{path}: '{hf_name}' has shape {tuple(tensor.shape)}, the config implies {tuple(param.shape)}"
+                )
+            param.copy_(value.to(param.dtype))
+            loaded.add(native)
     if unexpected:
         raise CheckpointError(f"{path}: tensors the model does not have: {sorted(unexpected)[:10]}")
     missing = sorted(wanted - loaded)
@@ -159,8 +173,16 @@ def load_weights(model, path: str, names: set[str] | None = None) -> None:
 def hf_state_items(model) -> Iterator[tuple[str, torch.Tensor]]:
     """(hf_name, tensor) in checkpoint layout; the tied lm_head is skipped as transformers does."""
     args = model.args
-    for name, tensor in model.state_dict().items():
+    state = model.state_dict()
+    for name, tensor in state.items():
         if name == "lm_head.weight" and args.tie_word_embeddings:
+            continue
+        m = _QKV.match(name)
+        if m:
+            if m.group(2) != "q_proj":
+                continue  # fused with q_proj below
+            parts = [state[f"{m.group(1)}{p}.{m.group(3)}"].detach() for p in ("q_proj", "k_proj", "v_proj")]
+            yield native_to_hf_name(f"{m.group(1)}qkv.{m.group(3)}"), torch.cat(parts)
             continue
         yield native_to_hf_name(name), tensor_to_hf(name, tensor.detach(), args)
 

@@ -35,15 +35,20 @@ class PatchEmbed(nn.Module):
 
 
 class VisionAttention(nn.Module):
+    """Checkpoints fuse q/k/v into one `qkv` Linear; we keep three so tensor parallelism can shard each by heads
+    (a row split of the fused weight would mix q, k and v). hf_io splits and fuses on load and save."""
+
     def __init__(self, args: VisionArgs):
         super().__init__()
-        self.num_heads = args.num_heads
-        self.qkv = nn.Linear(args.hidden_size, 3 * args.hidden_size, bias=True)
+        self.head_dim = args.head_dim
+        self.q_proj = nn.Linear(args.hidden_size, args.hidden_size, bias=True)
+        self.k_proj = nn.Linear(args.hidden_size, args.hidden_size, bias=True)
+        self.v_proj = nn.Linear(args.hidden_size, args.hidden_size, bias=True)
         self.proj = nn.Linear(args.hidden_size, args.hidden_size, bias=True)
 
     def forward(self, x, cos, sin, cu_seqlens, mask):
         n = x.shape[0]
-        q, k, v = self.qkv(x).view(n, 3, self.num_heads, -1).unbind(1)  # [N, H, Dh]
+        q, k, v = (p(x).view(n, -1, self.head_dim) for p in (self.q_proj, self.k_proj, self.v_proj))
         # Rotary in fp32 as the reference does, then back to the activation dtype.
         q = apply_rotary(q.float(), cos[:, None], sin[:, None]).to(x.dtype)
         k = apply_rotary(k.float(), cos[:, None], sin[:, None]).to(x.dtype)
