@@ -1,0 +1,122 @@
+"""Tensor parallelism (DTensor, gloo, 2 CPU ranks) equals one process: losses and gradients over 3 steps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dist_utils import run_ranks
+from vlmtune import load_pretrained
+from vlmtune.models.qwen3_vl import get_rope_index
+from vlmtune.parallel.tensor import (
+    ParallelConfigError,
+    validate_tensor_parallel,
+    vocab_parallel_cross_entropy,
+)
+
+from model_inputs import build_sample
+
+STEPS = 3
+
+
+def packed_batch():
+    """Image + text + video samples in one row, labels on everything."""
+    samples = [
+        build_sample([6, ("image", 4, 4), 3], 1),
+        build_sample([11], 2),
+        build_sample([4, ("video", 2, 4, 4), 2], 3),
+    ]
+    ids = torch.cat([s["input_ids"] for s in samples], 1)
+    pos = torch.cat(
+        [
+            get_rope_index(
+                s["input_ids"],
+                s["image_grid_thw"],
+                s["video_grid_thw"],
+                image_token_id=151655,
+                video_token_id=151656,
+            )[0]
+            for s in samples
+        ],
+        dim=2,
+    )
+    lens = torch.tensor([s["input_ids"].shape[1] for s in samples])
+    return {
+        "input_ids": ids,
+        "position_ids": pos,
+        "cu_seqlens": torch.cat([torch.zeros(1, dtype=torch.int32), lens.cumsum(0).int()]),
+        "pixel_values": samples[0]["pixel_values"],
+        "image_grid_thw": samples[0]["image_grid_thw"],
+        "pixel_values_videos": samples[2]["pixel_values_videos"],
+        "video_grid_thw": samples[2]["video_grid_thw"],
+        "labels": ids.clone(),
+    }
+
+
+def full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def train_steps(rank, world, ckpt, tp, use_vocab_parallel_loss):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from vlmtune.parallel.tensor import apply_tensor_parallel
+
+    torch.manual_seed(0)
+    model = load_pretrained(ckpt)
+    if tp > 1:
+        apply_tensor_parallel(
+            model, init_device_mesh("cpu", (tp,)), gather_logits=not use_vocab_parallel_loss
+        )
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
+    batch = packed_batch()
+    losses, grads = [], {}
+    for step in range(STEPS):
+        if use_vocab_parallel_loss:
+            out = model(**{k: v for k, v in batch.items() if k != "labels"}, return_hidden=True)
+            from vlmtune.models.qwen3_vl.model import shift_labels
+
+            target = shift_labels(batch["labels"], batch["cu_seqlens"])[0]
+            keep = target != -100
+            loss = vocab_parallel_cross_entropy(
+                out.hidden_states[0][keep], model.lm_head.weight, target[keep]
+            ).mean()
+        else:
+            loss = model(**batch).loss
+        loss.backward()
+        losses.append(loss.item())
+        if step == 0:
+            grads = {n: full(p.grad).clone() for n, p in model.named_parameters()}
+        opt.step()
+        opt.zero_grad()
+    return losses, grads
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_ckpt):
+    return train_steps(0, 1, tiny_ckpt[0], 1, False)
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("vocab_parallel_loss", [False, True], ids=["gathered_logits", "vocab_parallel_loss"])
+def test_tp2_matches_single_process(tiny_ckpt, reference, vocab_parallel_loss):
+    ref_losses, ref_grads = reference
+    results = run_ranks(train_steps, 2, tiny_ckpt[0], 2, vocab_parallel_loss)
+    for losses, grads in results:
+        for a, b in zip(losses, ref_losses):
+            assert abs(a - b) <= 1e-5 * abs(b)
+        assert grads.keys() == ref_grads.keys()
+        for name, g in grads.items():
+            assert rel(g, ref_grads[name]) <= 1e-4, name
+
+
+def test_tp_validation_names_what_works(tiny_ckpt):
+    from vlmtune.models.qwen3_vl import load_config
+
+    args = load_config(tiny_ckpt[0])
+    with pytest.raises(ParallelConfigError, match="num_key_value_heads=2; .* divisible by 1, 2"):
+        validate_tensor_parallel(args, 4)
