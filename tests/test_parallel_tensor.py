@@ -120,3 +120,40 @@ def test_tp_validation_names_what_works(tiny_ckpt):
     args = load_config(tiny_ckpt[0])
     with pytest.raises(ParallelConfigError, match="num_key_value_heads=2; .* divisible by 1, 2"):
         validate_tensor_parallel(args, 4)
+
+
+def fsdp_tp_steps(rank, world, ckpt):
+    """FSDP2 over dp=2 x TP over tp=2 on one 2-D mesh (4 ranks)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from vlmtune.parallel.tensor import apply_tensor_parallel
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp_shard", "tp"))
+    model = load_pretrained(ckpt)
+    apply_tensor_parallel(model, mesh["tp"])
+    for block in [*model.visual.blocks.values(), *model.language_model.layers.values()]:
+        fully_shard(block, mesh=mesh["dp_shard"])
+    fully_shard(model, mesh=mesh["dp_shard"])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
+    batch = packed_batch()  # every dp rank sees the same batch: the step equals one process on that batch
+    losses, grads = [], {}
+    for step in range(STEPS):
+        loss = model(**batch).loss
+        loss.backward()
+        losses.append(loss.item())
+        if step == 0:
+            grads = {n: full(p.grad).clone() for n, p in model.named_parameters()}
+        opt.step()
+        opt.zero_grad()
+    return losses, grads
+
+
+@pytest.mark.slow
+def test_fsdp2_x_tp2_matches_single_process(tiny_ckpt, reference):
+    ref_losses, ref_grads = reference
+    for losses, grads in run_ranks(fsdp_tp_steps, 4, tiny_ckpt[0]):
+        for a, b in zip(losses, ref_losses):
+            assert abs(a - b) <= 1e-5 * abs(b)
+        for name, g in grads.items():
+            assert rel(g, ref_grads[name]) <= 1e-4, name
