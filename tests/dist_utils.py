@@ -45,11 +45,11 @@ def run_ranks(fn, world: int, *args) -> list:
         mp.start_processes(
             _worker, args=(world, free_port(), out, fn, args), nprocs=world, start_method="spawn"
         )
-        results = []
+        results, errors = [], []
         for r in range(world):
             with open(os.path.join(out, f"{r}.pkl"), "rb") as f:
                 status, value = pickle.load(f)
-            if status != "ok":
-                raise AssertionError(f"rank {r} failed:\n{value}")
-            results.append(value)
+            (results if status == "ok" else errors).append(value if status == "ok" else f"rank {r}:\n{value}")
+        if errors:
+            raise AssertionError("\n".join(errors))
         return results
