@@ -169,37 +169,18 @@ def build_pipeline(
     n_ds = len(probe.args.vision.deepstack_visual_indexes)
     last_ds_stage = max((p.index for p in plans if any(layer < n_ds for layer in p.layers)), default=0)
     device = device or torch.device("cpu")
+    d = probe.args.text.hidden_size
     stages, modules = [], []
     for plan in plans[rank::pp]:
         model = probe if plan is plans[rank] else model_factory()
         module = PipelineStageModule(model, plan, n_stages, carry_deepstack=plan.index < last_ds_stage)
         modules.append(module)
-        d, ds_shape = probe.args.text.hidden_size, (n_ds, 1, length, probe.args.text.hidden_size)
-
-        def io(carry: bool):
-            # Float tensors carry gradients back to the previous stage: mark them so.
-            t = (
-                torch.empty(1, length, d, dtype=dtype, device=device, requires_grad=True),
-                torch.empty(1, 3, length, dtype=torch.long, device=device),
-                torch.empty(1, length, dtype=torch.long, device=device),
-                torch.empty(1, length, dtype=torch.long, device=device),
-            )
-            return (*t, torch.empty(ds_shape, dtype=dtype, device=device, requires_grad=True)) if carry else t
-
-        first_in = (
-            torch.empty(1, length, dtype=torch.long, device=device),
-            torch.empty(1, 3, length, dtype=torch.long, device=device),
-            torch.empty(1, length, dtype=torch.long, device=device),
-            torch.empty(1, length, dtype=torch.long, device=device),
-            torch.empty(1, 1, dtype=torch.long, device=device),
-        )
-        prev_carries = plan.index - 1 < last_ds_stage and plan.index > 0
-        inputs = first_in if plan.index == 0 else io(prev_carries)
-        outputs = (
-            (torch.empty(1, length, dtype=torch.float32, device=device),)
-            if plan.index == n_stages - 1
-            else io(module.carry_deepstack)
-        )
+        prev_carries = 0 < plan.index <= last_ds_stage
+        inputs = _stage_io(length, d, n_ds, dtype, device, first=plan.index == 0, carry=prev_carries)
+        if plan.index == n_stages - 1:
+            outputs = (torch.empty(1, length, dtype=torch.float32, device=device),)
+        else:
+            outputs = _stage_io(length, d, n_ds, dtype, device, first=False, carry=module.carry_deepstack)
         stages.append(
             PipelineStage(
                 wrap(module) if wrap else module,
@@ -218,6 +199,29 @@ def build_pipeline(
     else:
         raise ParallelConfigError(f"parallel.pp_schedule must be '1f1b' or 'interleaved', got {schedule!r}")
     return sched, modules
+
+
+def _stage_io(length: int, d: int, n_ds: int, dtype, device, *, first: bool, carry: bool) -> tuple:
+    """Example tensors of a stage boundary (static shapes for PipelineStage)."""
+    long = dict(dtype=torch.long, device=device)
+    if first:  # input_ids, positions, seq_ids, labels, micro-batch index
+        return (
+            torch.empty(1, length, **long),
+            torch.empty(1, 3, length, **long),
+            torch.empty(1, length, **long),
+            torch.empty(1, length, **long),
+            torch.empty(1, 1, **long),
+        )
+    # Float tensors carry gradients back to the previous stage: mark them so.
+    out = (
+        torch.empty(1, length, d, dtype=dtype, device=device, requires_grad=True),
+        torch.empty(1, 3, length, **long),
+        torch.empty(1, length, **long),
+        torch.empty(1, length, **long),
+    )
+    if carry:
+        out = (*out, torch.empty(n_ds, 1, length, d, dtype=dtype, device=device, requires_grad=True))
+    return out
 
 
 def stack_microbatches(batches: list[dict], length: int, pad_id: int = 0) -> tuple[tuple, list[dict]]:
