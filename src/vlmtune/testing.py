@@ -18,15 +18,15 @@ QWEN_VOCAB = 151936
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "<|im_start|>{{ message['role'] }}\n"
-    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{% if message['content'] is string -%}{{ message['content'] }}"
     "{%- else -%}{%- for item in message['content'] -%}"
     "{%- if item['type'] == 'image' -%}<|vision_start|><|image_pad|><|vision_end|>"
     "{%- elif item['type'] == 'video' -%}<|vision_start|><|video_pad|><|vision_end|>"
     "{%- else -%}{{ item['text'] }}{%- endif -%}"
     "{%- endfor -%}{%- endif -%}"
     "<|im_end|>\n"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}<|im_start|>assistant\n{%- endif -%}"
+    "{% endfor -%}"
+    "{%- if add_generation_prompt -%}<|im_start|>assistant\n{% endif -%}"
 )
 
 PREPROCESSOR_CONFIG = {
@@ -151,6 +151,8 @@ def hf_config(cfg: dict):
     model_type = cfg.pop("model_type")
     config = AutoConfig.for_model(model_type, **cfg)
     config._attn_implementation = "eager"
+    if model_type == "qwen3_vl_moe":
+        config._experts_implementation = "eager"  # the per-expert loop: the plain reference for MoE parity
     return config
 
 
@@ -174,7 +176,8 @@ def make_tiny_checkpoint(out_dir: str, *, seed: int = 0, assets: bool = True, **
 
     cfg = hf_config(tiny_config_dict(**config_kwargs))
     torch.manual_seed(seed)
-    model = AutoModelForImageTextToText.from_config(cfg, attn_implementation="eager")
+    extra = {"experts_implementation": "eager"} if config_kwargs.get("moe") else {}
+    model = AutoModelForImageTextToText.from_config(cfg, attn_implementation="eager", **extra)
     model.eval()
     model.save_pretrained(out_dir)
     if assets:

@@ -1,0 +1,369 @@
+"""Token-budget packing, a deterministic data-parallel sampler with exact mid-epoch resume, and the loader.
+
+Lengths come from `Processor.measure` (media headers only) and are cached under `cache_dir`, keyed by the
+samples, their media files' size/mtime and every option that changes lengths. Each epoch the samples are
+packed first-fit-decreasing into micro-batches of at most `max_tokens` tokens (ties broken by a seeded
+shuffle), the micro-batches are spread over data-parallel ranks with equal counts and balanced token sums,
+and every rank walks its share in a seeded order. The epoch plan depends only on (seed, epoch, rank), so
+`state_dict()` = (epoch, next batch index) resumes exactly.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import random
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .collate import IGNORE, pack
+from .config import DataConfig
+from .report import BadSample, SkipReport, handle_bad
+from .samples import sample_id, to_messages
+
+log = logging.getLogger("vlmtune.data")
+
+
+# ---------------------------------------------------------------------------------------------- lengths
+
+
+def _cache_key(processor, samples: list[dict], dataset_dir: str | None) -> str:
+    h = hashlib.sha256(processor.fingerprint().encode())
+    h.update(str(os.path.abspath(dataset_dir or ".")).encode())
+    for s in samples:
+        h.update(json.dumps(s, sort_keys=True, default=str).encode())
+        try:
+            _, images, videos = to_messages(s)
+        except BadSample:
+            continue
+        for p in images + videos:
+            full = p if os.path.isabs(p) else os.path.join(dataset_dir or ".", p)
+            try:
+                st = os.stat(full)
+                h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+            except OSError:
+                h.update(b"missing")
+    return h.hexdigest()
+
+
+_WORKER_PROCESSOR = None  # set once per measuring process (forked: not pickled per task)
+
+
+def _set_processor(processor) -> None:
+    global _WORKER_PROCESSOR
+    _WORKER_PROCESSOR = processor
+
+
+def _measure_one(args) -> int | BadSample:
+    sample, dataset_dir = args
+    try:
+        return _WORKER_PROCESSOR.measure(sample, dataset_dir)[0]
+    except BadSample as e:
+        return e
+
+
+def measure_lengths(
+    cfg: DataConfig, processor, samples: list[dict], report: SkipReport, max_tokens: int | None = None
+) -> list[int | None]:
+    """Token length per sample (None: a bad sample, logged and counted in `report`); cached under cache_dir."""
+    from tqdm.auto import tqdm
+
+    key = _cache_key(processor, samples, cfg.dataset_dir)
+    path = os.path.join(cfg.cache_dir, "length_index.json") if cfg.cache_dir else None
+    cached = None
+    if path and os.path.exists(path):
+        with open(path) as f:
+            cached = json.load(f)
+        if cached.get("key") != key:
+            log.info("length index %s is stale (data or options changed); rebuilding", path)
+            cached = None
+    if cached is not None:
+        lengths, bad = cached["lengths"], cached["bad"]
+    else:
+        lengths, bad = [], {}
+        args = ((s, cfg.dataset_dir) for s in samples)
+        _set_processor(processor)
+        parallel = cfg.num_workers > 1 and len(samples) >= 2000
+        ctx = multiprocessing.get_context("fork")
+        pool = (
+            ctx.Pool(cfg.num_workers, initializer=_set_processor, initargs=(processor,)) if parallel else None
+        )
+        results = pool.imap(_measure_one, args, chunksize=64) if pool else map(_measure_one, args)
+        try:
+            for i, res in enumerate(
+                tqdm(results, total=len(samples), desc="measuring", disable=len(samples) < 2000)
+            ):
+                if isinstance(res, BadSample):
+                    lengths.append(None)
+                    bad[str(i)] = [res.reason, res.detail, res.file, res.where]
+                else:
+                    lengths.append(res)
+        finally:
+            if pool:
+                pool.close()
+        if path:
+            os.makedirs(cfg.cache_dir, exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                json.dump({"key": key, "lengths": lengths, "bad": bad}, f)
+            os.replace(tmp, path)
+    out = list(lengths)
+    for i in sorted(bad, key=int):
+        reason, detail, file, where = bad[i]
+        handle_bad(BadSample(reason, detail, file, where), cfg.on_bad_sample, report)
+    if max_tokens is not None:
+        for i, n in enumerate(out):
+            if n is not None and n > max_tokens:
+                s = samples[i]
+                err = BadSample(
+                    "over_long", f"{n} tokens > max_tokens {max_tokens}", s.get("_file"), s.get("_where")
+                )
+                handle_bad(err, cfg.on_bad_sample, report)
+                out[i] = None
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- packing
+
+
+def first_fit_decreasing(items: list[int], lengths: list[int], budget: int) -> list[list[int]]:
+    """Bins of item ids with summed length <= budget; items taken longest first (stable for ties).
+
+    A max-segment-tree over the bins' free space finds the first bin that fits in O(log n).
+    """
+    order = sorted(items, key=lambda i: -lengths[i])
+    size = 1
+    while size < max(1, len(order)):
+        size *= 2
+    free = [0] * (2 * size)  # unopened bins have 0 free space until opened
+    bins: list[list[int]] = []
+    for i in order:
+        need = lengths[i]
+        if free[1] >= need:
+            node = 1
+            while node < size:
+                node = 2 * node if free[2 * node] >= need else 2 * node + 1
+            b = node - size
+        else:
+            b = len(bins)
+            bins.append([])
+            node = b + size
+            free[node] = budget
+        bins[b].append(i)
+        free[node] -= need
+        node //= 2
+        while node:
+            free[node] = max(free[2 * node], free[2 * node + 1])
+            node //= 2
+    return bins
+
+
+def shard_bins(bins: list[list[int]], lengths: list[int], dp_size: int) -> list[list[list[int]]]:
+    """Equal bin counts per rank with balanced tokens. Bins are split (or, with only single-sample bins
+    left, the smallest repeated) until the count divides by dp_size, so every rank steps in lockstep."""
+    bins = [list(b) for b in bins]
+    while len(bins) % dp_size:
+        multi = [k for k, b in enumerate(bins) if len(b) > 1]
+        if multi:
+            k = max(multi, key=lambda k: len(bins[k]))
+            half = len(bins[k]) // 2
+            bins.append(bins[k][half:])
+            bins[k] = bins[k][:half]
+        else:
+            bins.append(list(min(bins, key=lambda b: lengths[b[0]])))
+    quota = len(bins) // dp_size
+    tokens = [sum(lengths[i] for i in b) for b in bins]
+    ranks: list[list[list[int]]] = [[] for _ in range(dp_size)]
+    load = [0] * dp_size
+    for k in sorted(range(len(bins)), key=lambda k: -tokens[k]):
+        r = min((r for r in range(dp_size) if len(ranks[r]) < quota), key=lambda r: load[r])
+        ranks[r].append(bins[k])
+        load[r] += tokens[k]
+    _rebalance(ranks, [[sum(lengths[i] for i in b) for b in rank] for rank in ranks], load)
+    return ranks
+
+
+def _rebalance(ranks, tokens, load, rounds: int = 64) -> None:
+    """Swap bins between the heaviest and the lightest rank while that narrows their gap."""
+    for _ in range(rounds):
+        hi = max(range(len(ranks)), key=lambda r: load[r])
+        lo = min(range(len(ranks)), key=lambda r: load[r])
+        gap = load[hi] - load[lo]
+        if gap <= 0:
+            return
+        order = sorted(range(len(tokens[lo])), key=lambda k: tokens[lo][k])
+        small = [tokens[lo][k] for k in order]
+        best = None  # (new gap, x in hi, y in lo)
+        for x, tx in enumerate(tokens[hi]):
+            # moving tx - ty from hi to lo leaves a gap |gap - 2 (tx - ty)|: best ty is near tx - gap / 2
+            j = bisect.bisect_left(small, tx - gap / 2)
+            for jj in (j - 1, j):
+                if 0 <= jj < len(small) and 0 < tx - small[jj] < gap:
+                    cand = abs(gap - 2 * (tx - small[jj]))
+                    if best is None or cand < best[0]:
+                        best = (cand, x, order[jj])
+        if best is None or best[0] >= gap:
+            return
+        _, x, y = best
+        ranks[hi][x], ranks[lo][y] = ranks[lo][y], ranks[hi][x]
+        tokens[hi][x], tokens[lo][y] = tokens[lo][y], tokens[hi][x]
+        load[hi] += tokens[hi][x] - tokens[lo][y]
+        load[lo] += tokens[lo][y] - tokens[hi][x]
+
+
+# ---------------------------------------------------------------------------------------------- loader
+
+
+class _BinDataset(Dataset):
+    """dataset[bin] -> packed micro-batch; bad samples found while decoding are dropped and reported."""
+
+    def __init__(self, processor, samples, dataset_dir, policy, fallback):
+        self.processor, self.samples, self.dataset_dir, self.policy = processor, samples, dataset_dir, policy
+        self.fallback = fallback
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, item: list[int]) -> dict:
+        encoded, skipped = [], []
+        for i in item:
+            try:
+                enc = self.processor.encode(self.samples[i], self.dataset_dir)
+            except BadSample as e:
+                if self.policy == "error":
+                    raise
+                skipped.append(e)
+                continue
+            enc["sample_id"] = sample_id(self.samples[i])
+            encoded.append(enc)
+        if not encoded:  # keep ranks in lockstep: a valid sample that trains nothing
+            enc = self.processor.encode(self.samples[self.fallback], self.dataset_dir)
+            enc["labels"] = torch.full_like(enc["labels"], IGNORE)
+            enc["sample_id"] = "(placeholder: every sample of this micro-batch was bad)"
+            encoded.append(enc)
+        batch = pack(encoded)
+        batch["_skipped"] = skipped
+        return batch
+
+
+def _identity(x):
+    return x
+
+
+class PackedLoader:
+    """Iterates this rank's packed micro-batches, epoch after epoch; resumable mid-epoch."""
+
+    def __init__(self, cfg, processor, samples, lengths, *, dp_rank, dp_size, seed, max_tokens, report):
+        self.cfg, self.processor, self.samples, self.lengths = cfg, processor, samples, lengths
+        self.dp_rank, self.dp_size, self.seed, self.max_tokens = dp_rank, dp_size, seed, max_tokens
+        self.skip_report = report
+        self.valid = [i for i, n in enumerate(lengths) if n is not None]
+        if not self.valid:
+            raise ValueError(f"no usable samples left (skipped: {report.total}); see the skip report above")
+        self.epoch, self.batch_index = 0, 0
+        self._plans: dict[int, list[list[int]]] = {}
+        self._all_bins: dict[int, int] = {}
+        self.fallback = min(self.valid, key=lambda i: lengths[i])
+
+    def epoch_plan(self, epoch: int) -> list[list[int]]:
+        """This rank's micro-batches (lists of sample indices) for an epoch, in iteration order."""
+        if epoch not in self._plans:
+            rng = random.Random(f"{self.seed}:{epoch}")
+            items = list(self.valid)
+            rng.shuffle(items)
+            bins = first_fit_decreasing(items, self.lengths, self.max_tokens)
+            rng.shuffle(bins)
+            shards = shard_bins(bins, self.lengths, self.dp_size)
+            mine = shards[self.dp_rank]
+            random.Random(f"{self.seed}:{epoch}:{self.dp_rank}").shuffle(mine)
+            self._plans = {epoch: mine}
+            self._all_bins[epoch] = sum(len(s) for s in shards)
+        return self._plans[epoch]
+
+    def __len__(self) -> int:
+        return len(self.epoch_plan(self.epoch))
+
+    def fill_ratio(self) -> float:
+        """Tokens of all valid samples / (micro-batches of all ranks * max_tokens)."""
+        self.epoch_plan(self.epoch)
+        total = sum(self.lengths[i] for i in self.valid)
+        return total / (self._all_bins[self.epoch] * self.max_tokens)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.batch_index = epoch, 0
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "batch_index": self.batch_index,
+            "seed": self.seed,
+            "dp_size": self.dp_size,
+            "max_tokens": self.max_tokens,
+            "num_samples": len(self.samples),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "dp_size", "max_tokens", "num_samples"):
+            mine = self.state_dict()[key]
+            if state.get(key) != mine:
+                raise ValueError(
+                    f"cannot resume the data loader: checkpoint has {key}={state.get(key)}, this run has {mine}; "
+                    "resume with the same data, seed, data-parallel size and max_tokens"
+                )
+        self.epoch, self.batch_index = int(state["epoch"]), int(state["batch_index"])
+
+    def __iter__(self):
+        plan = self.epoch_plan(self.epoch)
+        dataset = _BinDataset(
+            self.processor, self.samples, self.cfg.dataset_dir, self.cfg.on_bad_sample, self.fallback
+        )
+        workers = self.cfg.num_workers
+        loader = DataLoader(
+            dataset,
+            batch_size=None,
+            sampler=plan[self.batch_index :],
+            num_workers=workers,
+            prefetch_factor=self.cfg.prefetch_factor if workers else None,
+            collate_fn=_identity,
+        )
+        for batch in loader:
+            for err in batch.pop("_skipped"):
+                handle_bad(err, "skip", self.skip_report)
+            self.batch_index += 1  # before yielding: a state_dict taken now points at the next batch
+            yield batch
+        self.epoch, self.batch_index = self.epoch + 1, 0
+
+
+def build_loader(cfg: DataConfig, processor, *, samples, dp_rank=0, dp_size=1, seed=None, max_tokens=None):
+    """Packed micro-batch loader for this data-parallel rank (see module docstring)."""
+    if not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank {dp_rank} outside [0, dp_size={dp_size})")
+    max_tokens = max_tokens or cfg.max_tokens
+    seed = cfg.seed if seed is None else seed
+    report = SkipReport()
+    lengths = measure_lengths(cfg, processor, samples, report, max_tokens)
+    loader = PackedLoader(
+        cfg,
+        processor,
+        samples,
+        lengths,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        seed=seed,
+        max_tokens=max_tokens,
+        report=report,
+    )
+    log.info(
+        "data: %d samples (%d skipped), %d micro-batches per epoch per rank, fill %.1f%% of %d tokens",
+        len(loader.valid),
+        report.total,
+        len(loader),
+        100 * loader.fill_ratio(),
+        max_tokens,
+    )
+    return loader

@@ -1,0 +1,206 @@
+"""Reading datasets: the messages ("mllm") format and LLaVA conversations, JSON list or JSONL per file.
+
+Every sample is validated here for structure (roles, content, placeholders, media paths); media headers
+are checked later when lengths are measured. Samples keep `_file` / `_where` so any later error names them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+
+from .config import DataConfig, split_list
+from .report import BadSample, SkipReport, handle_bad
+
+PLACEHOLDER = re.compile(r"(<image>|<video>)")
+LLAVA_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
+MESSAGE_ROLES = ("user", "assistant", "system")
+
+
+def _as_list(value, what: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise BadSample(
+        "bad_structure", f"'{what}' must be a path or a list of paths, got {type(value).__name__}"
+    )
+
+
+def to_messages(sample: dict, require_assistant: bool = True) -> tuple[list[dict], list[str], list[str]]:
+    """A sample in either format -> (messages [{role, content}], image paths, video paths), validated.
+
+    Prompts for generation need no assistant turn (`require_assistant=False`)."""
+    if not isinstance(sample, dict):
+        raise BadSample("bad_structure", f"a sample must be a JSON object, got {type(sample).__name__}")
+    sid = f" (id {sample['id']!r})" if "id" in sample else ""
+    if "messages" in sample:
+        raw, role_key, text_key, roles = sample["messages"], "role", "content", {r: r for r in MESSAGE_ROLES}
+        images = _as_list(sample.get("images"), "images")
+        videos = _as_list(sample.get("videos"), "videos")
+    elif "conversations" in sample:
+        raw, role_key, text_key, roles = sample["conversations"], "from", "value", LLAVA_ROLES
+        images = _as_list(sample.get("image", sample.get("images")), "image")
+        videos = _as_list(sample.get("video", sample.get("videos")), "video")
+    else:
+        raise BadSample("bad_structure", f"sample{sid} has neither 'messages' nor 'conversations'")
+    if not isinstance(raw, list) or not raw:
+        raise BadSample("bad_structure", f"sample{sid}: the conversation must be a non-empty list")
+    messages = []
+    for k, turn in enumerate(raw):
+        if not isinstance(turn, dict) or role_key not in turn:
+            raise BadSample("bad_structure", f"sample{sid} turn {k}: needs a '{role_key}' key")
+        role = roles.get(turn[role_key])
+        if role is None:
+            raise BadSample(
+                "unknown_role",
+                f"sample{sid} turn {k}: role {turn[role_key]!r}; expected one of {sorted(roles)}",
+            )
+        content = turn.get(text_key)
+        if not isinstance(content, str):
+            raise BadSample("bad_structure", f"sample{sid} turn {k}: '{text_key}' must be a string")
+        if not content.strip():
+            raise BadSample("empty_content", f"sample{sid} turn {k} ({role}) has empty content")
+        if role == "system" and k != 0:
+            raise BadSample("bad_structure", f"sample{sid} turn {k}: a system message must come first")
+        messages.append({"role": role, "content": content})
+    if require_assistant and not any(m["role"] == "assistant" for m in messages):
+        raise BadSample("no_assistant_turn", f"sample{sid} has no assistant turn")
+    text = "".join(m["content"] for m in messages)
+    for tag, paths in (("<image>", images), ("<video>", videos)):
+        if text.count(tag) != len(paths):
+            raise BadSample(
+                "placeholder_mismatch",
+                f"sample{sid} has {text.count(tag)} {tag} placeholder(s) but {len(paths)} file(s)",
+            )
+    return messages, images, videos
+
+
+def resolve_media(path: str, dataset_dir: str | None, restrict: bool, kind: str) -> str:
+    """Absolute path of a media file relative to `dataset_dir`; checks existence and the restriction."""
+    base = dataset_dir or "."
+    full = path if os.path.isabs(path) else os.path.join(base, path)
+    if restrict:
+        root = os.path.realpath(base)
+        real = os.path.realpath(full)
+        if os.path.commonpath([root, real]) != root:
+            raise BadSample(
+                "media_outside_dataset_dir", f"{kind} path {path!r} resolves to {real}, outside {root}"
+            )
+    if not os.path.isfile(full):
+        raise BadSample(
+            f"missing_{kind}", f"{kind} file not found: {full} (from {path!r}, dataset_dir {base!r})"
+        )
+    return full
+
+
+def read_records(path: str) -> list[tuple[str, object]]:
+    """(where, record) pairs of a JSON list or JSONL file (detected from its first character)."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    head = text.lstrip()[:1]
+    if head == "[":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:  # a broken list cannot be partly read: stop whatever the policy
+            raise BadSample(
+                "malformed_json", f"{e.msg} at line {e.lineno} column {e.colno}", path, f"line {e.lineno}"
+            ) from None
+        return [(f"index {i}", rec) for i, rec in enumerate(data)]
+    out = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            out.append((f"line {n}", json.loads(line)))
+        except json.JSONDecodeError as e:
+            out.append(
+                (f"line {n}", BadSample("malformed_json", f"{e.msg} at column {e.colno}", path, f"line {n}"))
+            )
+    return out
+
+
+def read_dataset(
+    path: str, cfg: DataConfig, report: SkipReport, max_samples: int | None = None, check_media: bool = True
+) -> list[dict]:
+    """Valid samples of one file (first `max_samples`), each tagged with `_file` and `_where`."""
+    samples = []
+    for where, rec in read_records(path):
+        if max_samples is not None and len(samples) >= max_samples:
+            break
+        try:
+            if isinstance(rec, BadSample):
+                raise rec
+            _, images, videos = to_messages(rec)
+            if check_media:
+                for p in images:
+                    resolve_media(p, cfg.dataset_dir, cfg.restrict_media_to_dataset_dir, "image")
+                for p in videos:
+                    resolve_media(p, cfg.dataset_dir, cfg.restrict_media_to_dataset_dir, "video")
+        except BadSample as e:
+            handle_bad(e.located(path, where), cfg.on_bad_sample, report)
+            continue
+        samples.append({**rec, "_file": path, "_where": where})
+    return samples
+
+
+def locate_dataset(path: str, dataset_dir: str) -> str:
+    if os.path.isfile(path):
+        return path
+    alt = os.path.join(dataset_dir, path)
+    if os.path.isfile(alt):
+        return alt
+    raise FileNotFoundError(
+        f"dataset file not found: tried {path!r} and {alt!r}; check data.dataset / dataset_dir"
+    )
+
+
+def _mix(samples: list[dict], ratio: float, rng: random.Random) -> list[dict]:
+    """Keep round(ratio * n) samples: whole repeats plus a seeded subset for the fraction."""
+    want = round(ratio * len(samples))
+    out = samples * (want // len(samples)) if samples else []
+    rest = want - len(out)
+    return out + rng.sample(samples, rest) if rest else out
+
+
+def load_samples(cfg: DataConfig) -> tuple[list[dict], list[dict], SkipReport]:
+    """(train, validation, skip report) for a DataConfig; deterministic from `cfg.seed`."""
+    if not cfg.dataset:
+        raise ValueError("data.dataset is empty: give one or more comma-separated .json/.jsonl files")
+    report = SkipReport()
+    rng = random.Random(cfg.seed)
+    train: list[dict] = []
+    for k, name in enumerate(cfg.dataset):
+        part = read_dataset(locate_dataset(name, cfg.dataset_dir), cfg, report, cfg.max_samples)
+        if cfg.mix_ratios is not None:
+            part = _mix(part, cfg.mix_ratios[k], rng)
+        train.extend(part)
+    val: list[dict] = []
+    for name in split_list(cfg.val_dataset):
+        val.extend(read_dataset(locate_dataset(name, cfg.dataset_dir), cfg, report, cfg.max_samples))
+    if cfg.shuffle:
+        rng.shuffle(train)
+    if cfg.val_ratio > 0:
+        n_val = max(1, round(cfg.val_ratio * len(train)))
+        order = list(range(len(train)))
+        rng.shuffle(order)
+        held = set(order[:n_val])
+        val.extend(s for i, s in enumerate(train) if i in held)
+        train = [s for i, s in enumerate(train) if i not in held]
+    return train, val, report
+
+
+def sample_id(sample: dict) -> str:
+    if "id" in sample:
+        return str(sample["id"])
+    return f"{sample.get('_file', '?')}:{sample.get('_where', '?')}"
