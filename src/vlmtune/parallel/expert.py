@@ -1,0 +1,94 @@
+"""Expert parallelism: each of `ep` ranks holds E/ep experts; tokens travel to their experts by all-to-all.
+
+Per sparse layer and micro-batch:
+1. route locally, sort the (token, expert) pairs by expert — experts of one rank are contiguous, so the
+   sorted rows are already grouped by destination rank;
+2. exchange per-expert row counts, then the rows (`all_to_all_single`, differentiable);
+3. regroup the received rows by local expert and run the grouped expert compute (one grouped GEMM, or one
+   matmul per active expert);
+4. send results back by the reverse all-to-all, weight by the router and sum per token.
+
+Expert weights become DTensors `Shard(0)` over the ep mesh, so DCP checkpoints hold the full `[E, ...]`
+tensors and load into any other layout. Non-expert parameters stay replicated over ep (FSDP shards them).
+The router aux loss of a rank is computed from its own tokens, as in data parallelism.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+from torch import nn
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+from vlmtune.models.qwen3_vl.moe import Experts, grouped_mm_supported, sparse_blocks, swiglu_by_expert
+from vlmtune.parallel.tensor import ParallelConfigError
+
+
+def validate_expert_parallel(num_experts: int, ep: int) -> None:
+    if num_experts % ep:
+        ok = [d for d in range(1, num_experts + 1) if num_experts % d == 0]
+        raise ParallelConfigError(
+            f"parallel.ep={ep} does not divide num_experts={num_experts}; use one of {ok}"
+        )
+
+
+def _a2a(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
+    out = x.new_empty(sum(out_splits), *x.shape[1:])
+    return dist_fn.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+
+
+def _ep_forward(self: Experts, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor):
+    group, ep = self.ep_group, self.ep_size
+    gate_up = self.gate_up_proj.to_local() if isinstance(self.gate_up_proj, DTensor) else self.gate_up_proj
+    down = self.down_proj.to_local() if isinstance(self.down_proj, DTensor) else self.down_proj
+    local_e = gate_up.shape[0]
+    k = index.shape[1]
+    flat = index.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    token = order // k
+    counts = torch.bincount(flat, minlength=local_e * ep)  # [E] rows this rank sends to each expert
+    rows = x[token]
+    # Row counts per (source rank, local expert) on the receiving side.
+    recv_counts = torch.empty_like(counts)
+    dist.all_to_all_single(recv_counts, counts, group=group)
+    recv_counts = recv_counts.view(ep, local_e)
+    send_splits = counts.view(ep, local_e).sum(1).tolist()
+    recv_splits = recv_counts.sum(1).tolist()
+    received = _a2a(rows, recv_splits, send_splits, group)
+    # Received rows are grouped by source rank, then local expert: regroup by local expert.
+    expert_of_row = torch.repeat_interleave(
+        torch.arange(local_e, device=x.device).repeat(ep), recv_counts.reshape(-1).to(x.device)
+    )
+    perm = torch.argsort(expert_of_row, stable=True)
+    grouped = self.use_grouped_mm
+    if grouped is None:
+        grouped = grouped_mm_supported(x, gate_up, down)
+    y_sorted = swiglu_by_expert(received[perm], gate_up, down, recv_counts.sum(0), grouped=grouped)
+    y = torch.empty_like(y_sorted).index_copy(0, perm, y_sorted)
+    back = _a2a(y, send_splits, recv_splits, group)
+    back = back * weights.reshape(-1)[order, None]
+    return torch.zeros_like(x).index_add(0, token, back.to(x.dtype)), counts
+
+
+def apply_expert_parallel(model: nn.Module, ep_mesh) -> None:
+    """Shard every sparse layer's experts over the 1-D `ep_mesh` and route tokens with all-to-all."""
+    ep = ep_mesh.size()
+    blocks = sparse_blocks(model)
+    if not blocks:
+        raise ParallelConfigError(
+            "parallel.ep > 1 needs a MoE model (qwen3_vl_moe); this model has no experts"
+        )
+    validate_expert_parallel(blocks[0].num_experts, ep)
+    for moe in blocks:
+        ex = moe.experts
+        for name in ("gate_up_proj", "down_proj"):
+            p = getattr(ex, name)
+            ex.register_parameter(
+                name,
+                nn.Parameter(distribute_tensor(p.data, ep_mesh, [Shard(0)]), requires_grad=p.requires_grad),
+            )
+        ex.ep_group, ex.ep_size = ep_mesh.get_group(), ep
+        ex.forward = types.MethodType(_ep_forward, ex)
