@@ -1,0 +1,110 @@
+"""The `parallel:` section: sizes of every dimension, validated against the world and the model, and the one
+DeviceMesh they describe.
+
+World = pp x dp_replicate x dp_shard x tp. Expert parallelism borrows from data parallelism: the dp_shard
+ranks split into (dp_shard / ep, ep); experts are sharded over `ep` and FSDP-sharded over the rest, every
+other parameter is FSDP-sharded over all of dp_shard (HSDP when dp_replicate > 1).
+
+Mesh dimension names: "pp", "dp_replicate", "dp_shard_mod_ep", "ep", "tp", plus the flattened "dp_shard"
+(dp_shard_mod_ep x ep) and "dp" (every data-parallel rank: loss normalisers are reduced over it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vlmtune.models.qwen3_vl.config import ModelArgs
+from vlmtune.parallel.tensor import ParallelConfigError, validate_tensor_parallel
+
+
+@dataclass
+class ParallelConfig:
+    dp_replicate: int = 1
+    dp_shard: int = -1  # -1: the rest of the world
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    llm_pp_layers: list[int] = field(default_factory=list)  # decoder layers per stage (MindSpeed-MM's list)
+    vit_pp_layers: list[int] = field(default_factory=list)  # vision blocks per stage; all on stage 0
+    pp_schedule: str = "1f1b"  # 1f1b | interleaved
+    pp_microbatches: int = 0  # 0: gradient accumulation steps become pipeline micro-batches
+
+    @property
+    def dp(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+
+def _ways(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+def resolve(cfg: ParallelConfig, world_size: int, args: ModelArgs | None = None) -> ParallelConfig:
+    """Fill dp_shard=-1 and check every size; errors say which sizes would work."""
+    for name in ("dp_replicate", "tp", "pp", "ep"):
+        if getattr(cfg, name) < 1:
+            raise ParallelConfigError(f"parallel.{name} must be >= 1, got {getattr(cfg, name)}")
+    fixed = cfg.dp_replicate * cfg.tp * cfg.pp
+    if world_size % fixed:
+        raise ParallelConfigError(
+            f"dp_replicate x tp x pp = {fixed} does not divide the world size {world_size}; "
+            f"their product must be one of {_ways(world_size)}"
+        )
+    dp_shard = world_size // fixed if cfg.dp_shard == -1 else cfg.dp_shard
+    if fixed * dp_shard != world_size:
+        raise ParallelConfigError(
+            f"dp_replicate {cfg.dp_replicate} x dp_shard {dp_shard} x tp {cfg.tp} x pp {cfg.pp} = "
+            f"{fixed * dp_shard}, but {world_size} processes were launched; set parallel.dp_shard: -1 or "
+            f"{world_size // fixed}"
+        )
+    if dp_shard % cfg.ep:
+        raise ParallelConfigError(
+            f"parallel.ep={cfg.ep} must divide dp_shard={dp_shard} (experts are spread over data-parallel ranks); "
+            f"ep can be one of {_ways(dp_shard)}"
+        )
+    if cfg.pp_schedule not in ("1f1b", "interleaved"):
+        raise ParallelConfigError(
+            f"parallel.pp_schedule must be '1f1b' or 'interleaved', got {cfg.pp_schedule!r}"
+        )
+    out = ParallelConfig(**{**cfg.__dict__, "dp_shard": dp_shard})
+    if args is not None:
+        if out.tp > 1:
+            validate_tensor_parallel(args, out.tp)
+        if out.ep > 1:
+            if not args.is_moe:
+                raise ParallelConfigError("parallel.ep > 1 needs a MoE model (qwen3_vl_moe)")
+            from vlmtune.parallel.expert import validate_expert_parallel
+
+            validate_expert_parallel(args.text.num_experts, out.ep)
+        if out.pp > 1:
+            from vlmtune.parallel.pipeline import plan_stages
+
+            if not out.llm_pp_layers:
+                raise ParallelConfigError(
+                    f"parallel.pp={out.pp} needs parallel.llm_pp_layers, e.g. {even_split(args.text.num_hidden_layers, out.pp)}"
+                )
+            plan_stages(
+                args.text.num_hidden_layers,
+                args.vision.depth,
+                out.llm_pp_layers,
+                out.vit_pp_layers or None,
+                out.pp,
+            )
+    return out
+
+
+def even_split(n: int, parts: int) -> list[int]:
+    """`n` layers over `parts` stages, the remainder on the last stages (the first carries the vision tower)."""
+    base, extra = divmod(n, parts)
+    return [base + (1 if i >= parts - extra else 0) for i in range(parts)]
+
+
+def build_mesh(cfg: ParallelConfig, device_type: str):
+    """The DeviceMesh of a resolved config (see the module docstring for the dimension names)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    names = ("pp", "dp_replicate", "dp_shard_mod_ep", "ep", "tp")
+    shape = (cfg.pp, cfg.dp_replicate, cfg.dp_shard // cfg.ep, cfg.ep, cfg.tp)
+    mesh = init_device_mesh(device_type, shape, mesh_dim_names=names)
+    mesh["dp_shard_mod_ep", "ep"]._flatten("dp_shard")
+    mesh["dp_replicate", "dp_shard_mod_ep", "ep"]._flatten("dp")
+    return mesh
