@@ -172,47 +172,85 @@ def load_weights(model, path: str, names: set[str] | None = None) -> None:
 
 def hf_state_items(model) -> Iterator[tuple[str, torch.Tensor]]:
     """(hf_name, tensor) in checkpoint layout; the tied lm_head is skipped as transformers does."""
-    args = model.args
     state = model.state_dict()
-    for name, tensor in state.items():
+    return to_hf_items(list(state), lambda name: state[name].detach(), model.args)
+
+
+def to_hf_items(names: list[str], get, args: ModelArgs) -> Iterator[tuple[str, torch.Tensor]]:
+    """Native tensors (by `get(name)`, fetched one HF tensor at a time) -> (hf_name, tensor) in checkpoint
+    layout: vision q/k/v fused into `attn.qkv`, the patch embedding as a Conv3d weight, experts in hub layout."""
+    present = set(names)
+    for name in names:
         if name == "lm_head.weight" and args.tie_word_embeddings:
             continue
         m = _QKV.match(name)
         if m:
             if m.group(2) != "q_proj":
                 continue  # fused with q_proj below
-            parts = [state[f"{m.group(1)}{p}.{m.group(3)}"].detach() for p in ("q_proj", "k_proj", "v_proj")]
-            yield native_to_hf_name(f"{m.group(1)}qkv.{m.group(3)}"), torch.cat(parts)
+            parts = [f"{m.group(1)}{p}.{m.group(3)}" for p in ("q_proj", "k_proj", "v_proj")]
+            missing = [p for p in parts if p not in present]
+            if missing:
+                raise CheckpointError(f"cannot fuse {m.group(1)}qkv: {missing} missing")
+            yield native_to_hf_name(f"{m.group(1)}qkv.{m.group(3)}"), torch.cat([get(p) for p in parts])
             continue
-        yield native_to_hf_name(name), tensor_to_hf(name, tensor.detach(), args)
+        yield native_to_hf_name(name), tensor_to_hf(name, get(name), args)
 
 
 def save_pretrained(model, out_dir, *, source_dir=None, max_shard_bytes: int = 5 * 2**30) -> None:
     """HF-layout safetensors shards + index + config.json (+ tokenizer/processor files from the source)."""
+    src = source_dir or getattr(model, "source_dir", None)
+    write_hf_checkpoint(
+        hf_state_items(model), model.args, out_dir, source_dir=src, max_shard_bytes=max_shard_bytes
+    )
+
+
+def _shard_plan(sizes: list[int], max_shard_bytes: int) -> list[int]:
+    """Shard index of each tensor (in order), starting a new shard when the next tensor would overflow."""
+    plan, shard, size = [], 0, 0
+    for nbytes in sizes:
+        if size and size + nbytes > max_shard_bytes:
+            shard, size = shard + 1, 0
+        plan.append(shard)
+        size += nbytes
+    return plan
+
+
+def write_hf_checkpoint(
+    items, args: ModelArgs, out_dir, *, source_dir=None, max_shard_bytes: int = 5 * 2**30, sizes=None
+) -> None:
+    """Write (hf_name, tensor) pairs as HF safetensors shards, holding one shard in memory at a time.
+
+    `sizes` (bytes of each item, in order) lets a streaming source name shards `-of-N` before reading any
+    tensor; without it the items are materialised first (a model already in memory).
+    """
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    args = model.args
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    dtype = None
-    for hf_name, tensor in hf_state_items(model):
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][hf_name] = tensor
-        size += nbytes
-        dtype = dtype or tensor.dtype
-    n = len(shards)
-    weight_map, total = {}, 0
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+    if sizes is None:
+        items = list(items)
+        sizes = [t.numel() * t.element_size() for _, t in items]
+    plan = _shard_plan(sizes, max_shard_bytes)
+    n = (plan[-1] + 1) if plan else 1
+    weight_map, total, dtype = {}, 0, None
+    shard: dict[str, torch.Tensor] = {}
+
+    def flush(index: int) -> None:
+        nonlocal total
+        fname = f"model-{index + 1:05d}-of-{n:05d}.safetensors"
         cpu = {k: v.to("cpu").contiguous().clone() if v.is_cuda else v.contiguous() for k, v in shard.items()}
         save_file(cpu, os.path.join(out_dir, fname), metadata={"format": "pt"})
         for k, v in cpu.items():
             weight_map[k] = fname
             total += v.numel() * v.element_size()
-        del cpu
+        shard.clear()
+
+    current = 0
+    for (hf_name, tensor), index in zip(items, plan):
+        if index != current:
+            flush(current)
+            current = index
+        shard[hf_name] = tensor
+        dtype = dtype or tensor.dtype
+    flush(current)
     with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
         json.dump(
             {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2
@@ -235,7 +273,7 @@ def save_pretrained(model, out_dir, *, source_dir=None, max_shard_bytes: int = 5
         annotate_saved_config(cfg)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
-    src = source_dir or getattr(model, "source_dir", None)
+    src = source_dir
     if src and os.path.abspath(src) != os.path.abspath(out_dir):
         for name in ASSET_FILES:
             if os.path.exists(os.path.join(src, name)):
