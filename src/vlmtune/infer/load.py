@@ -1,0 +1,104 @@
+"""Loading a model for inference from a Hugging Face directory or a training checkpoint, and the token ids
+generation needs from its tokenizer files."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from vlmtune.models.qwen3_vl import load_pretrained
+
+
+def _dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).replace("torch.", "")
+    aliases = {
+        "bf16": "bfloat16",
+        "fp16": "float16",
+        "fp32": "float32",
+        "half": "float16",
+        "float": "float32",
+    }
+    value = getattr(torch, aliases.get(name, name), None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+    return value
+
+
+def is_hf_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.json"))
+
+
+def load_model(path, *, dtype=None, device=None):
+    """The native model in eval mode, from an HF checkpoint directory (`config.json` + safetensors) or from a
+    training checkpoint written by `vlmtune train` (a step directory, or a run / checkpoints directory whose
+    `latest` pointer names one; read by `vlmtune.train.export.load_model_from_checkpoint`).
+
+    `dtype` None keeps the checkpoint's dtype; `device` None is the CPU.
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"{path}: not a directory; pass a Hugging Face checkpoint directory (config.json + *.safetensors) "
+            "or a training checkpoint directory from `vlmtune train`"
+        )
+    dtype = _dtype(dtype)
+    if is_hf_dir(path):
+        model = load_pretrained(path, dtype=dtype, device=device)
+    else:
+        try:
+            from vlmtune.train.export import load_model_from_checkpoint
+        except ImportError as e:
+            raise ValueError(
+                f"{path}: has no config.json, so it is not a Hugging Face checkpoint, and training checkpoints "
+                f"cannot be read here ({e}); export it with `vlmtune export {path} --out DIR` and pass DIR"
+            ) from e
+        from vlmtune.train.checkpoint import CheckpointLoadError
+
+        try:
+            model = load_model_from_checkpoint(path)
+        except CheckpointLoadError as e:
+            raise ValueError(f"{e}; nor is it a Hugging Face checkpoint (no config.json)") from e
+        if dtype is not None or device is not None:
+            model.to(device=device, dtype=dtype)
+    return model.eval()
+
+
+def processor_dir(model, model_path) -> str:
+    """Where the tokenizer and preprocessor configs of `model` live: the HF directory it was loaded from, or
+    the one a training checkpoint was initialised from."""
+    for candidate in (getattr(model, "source_dir", None), os.fspath(model_path)):
+        if candidate and os.path.isfile(os.path.join(candidate, "tokenizer_config.json")):
+            return candidate
+    raise ValueError(
+        f"{model_path}: no tokenizer files found with the model; pass --processor DIR "
+        "(a Hugging Face directory with tokenizer_config.json and preprocessor_config.json)"
+    )
+
+
+def stop_token_ids(tokenizer, model_dir: str | None = None) -> list[int]:
+    """Tokens that end an answer: the tokenizer's eos, `<|im_end|>`, and `generation_config.json`'s eos."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+        ids.add(im_end)
+    file = os.path.join(model_dir, "generation_config.json") if model_dir else None
+    if file and os.path.isfile(file):
+        with open(file) as f:
+            eos = json.load(f).get("eos_token_id")
+        ids.update([eos] if isinstance(eos, int) else (eos or []))
+    if not ids:
+        raise ValueError(
+            "the tokenizer defines no eos token and <|im_end|> is unknown; cannot tell where answers end"
+        )
+    return sorted(ids)
+
+
+def pad_token_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id
+    return int(pad if pad is not None else tokenizer.eos_token_id)
