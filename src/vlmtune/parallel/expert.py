@@ -70,7 +70,9 @@ def _ep_forward(self: Experts, x: torch.Tensor, index: torch.Tensor, weights: to
     y = torch.empty_like(y_sorted).index_copy(0, perm, y_sorted)
     back = _a2a(y, send_splits, recv_splits, group)
     back = back * weights.reshape(-1)[order, None]
-    return torch.zeros_like(x).index_add(0, token, back.to(x.dtype)), counts
+    # Back to (token, slot) order, then sum each token's k slots: the same reduction as the one-device path.
+    back = torch.zeros_like(back).index_copy(0, order, back)
+    return back.view(-1, k, back.shape[-1]).sum(1).to(x.dtype), counts
 
 
 def apply_expert_parallel(model: nn.Module, ep_mesh) -> None:

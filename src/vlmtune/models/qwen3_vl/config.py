@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,8 +127,45 @@ def _rope_fields(text: dict, where: str) -> tuple[float, list[int], bool]:
     if section is None:
         raise ConfigError(f"{where}: missing '{src_name}.mrope_section'")
     if not src.get("mrope_interleaved", True):
-        raise ConfigError(f"{where}: '{src_name}.mrope_interleaved' is false; Qwen3-VL uses interleaved MRoPE")
+        raise ConfigError(
+            f"{where}: '{src_name}.mrope_interleaved' is false; Qwen3-VL uses interleaved MRoPE"
+        )
     return float(theta), [int(s) for s in section], True
+
+
+def _num_experts(t: dict, where: str) -> int:
+    """4.57 and hub configs say `num_experts`; transformers 5 saves `num_local_experts`."""
+    a, b = t.get("num_experts"), t.get("num_local_experts")
+    if a is not None and b is not None and int(a) != int(b):
+        raise ConfigError(f"{where}: 'num_experts' {a} contradicts 'num_local_experts' {b}")
+    if a is None and b is None:
+        raise ConfigError(f"{where}: missing required key 'num_experts' (or 'num_local_experts')")
+    return int(a if a is not None else b)
+
+
+def _check_moe(text: TextArgs, where: str) -> None:
+    if text.num_experts < 1:
+        raise ConfigError(f"{where}: 'num_experts' is {text.num_experts}; must be >= 1")
+    if not 1 <= text.num_experts_per_tok <= text.num_experts:
+        raise ConfigError(
+            f"{where}: 'num_experts_per_tok' {text.num_experts_per_tok} must be in [1, num_experts={text.num_experts}]"
+        )
+    if text.moe_intermediate_size < 1:
+        raise ConfigError(f"{where}: 'moe_intermediate_size' is {text.moe_intermediate_size}; must be >= 1")
+    if text.decoder_sparse_step < 1:
+        raise ConfigError(f"{where}: 'decoder_sparse_step' is {text.decoder_sparse_step}; must be >= 1")
+    bad = [i for i in text.mlp_only_layers if not 0 <= i < text.num_hidden_layers]
+    if bad:
+        raise ConfigError(
+            f"{where}: 'mlp_only_layers' {bad} outside [0, num_hidden_layers={text.num_hidden_layers})"
+        )
+    if not text.norm_topk_prob:
+        # transformers (4.57 and 5.x) never reads the flag for this model: weights trained with it renormalised.
+        warnings.warn(
+            f"{where}: 'norm_topk_prob' is false, but Qwen3-VL-MoE always renormalises the top-k router weights "
+            "(as transformers does); the flag is ignored",
+            stacklevel=3,
+        )
 
 
 def args_from_hf_dict(cfg: dict[str, Any], where: str = "config.json") -> ModelArgs:
@@ -158,7 +196,7 @@ def args_from_hf_dict(cfg: dict[str, Any], where: str = "config.json") -> ModelA
         rms_norm_eps=float(t.get("rms_norm_eps", 1e-6)),
         attention_bias=bool(t.get("attention_bias", False)),
         hidden_act=t.get("hidden_act", "silu"),
-        num_experts=int(_req(t, "num_experts", tw)) if is_moe else 0,
+        num_experts=_num_experts(t, tw) if is_moe else 0,
         num_experts_per_tok=int(_req(t, "num_experts_per_tok", tw)) if is_moe else 0,
         moe_intermediate_size=int(_req(t, "moe_intermediate_size", tw)) if is_moe else 0,
         decoder_sparse_step=int(t.get("decoder_sparse_step", 1)),
@@ -166,6 +204,8 @@ def args_from_hf_dict(cfg: dict[str, Any], where: str = "config.json") -> ModelA
         norm_topk_prob=bool(t.get("norm_topk_prob", True)),
         router_aux_loss_coef=float(t.get("router_aux_loss_coef", 0.001 if is_moe else 0.0)),
     )
+    if is_moe:
+        _check_moe(text, tw)
     if text.hidden_act != "silu":
         raise ConfigError(f"{tw}: 'hidden_act' {text.hidden_act!r} is not supported (Qwen3-VL uses 'silu')")
     if text.num_attention_heads % text.num_key_value_heads:

@@ -154,7 +154,7 @@ class Qwen3VL(nn.Module):
             mask=mask,
             cache=cache,
         )
-        aux = self.aux_loss()
+        aux = self.aux_loss(attention_mask)
         if return_hidden:
             return ModelOutput(hidden_states=h, aux_loss=aux)
         logits = self.lm_head(h if logits_to_keep <= 0 else h[:, -logits_to_keep:])
@@ -170,10 +170,14 @@ class Qwen3VL(nn.Module):
             ) / valid.clamp(min=1)
         return ModelOutput(logits=logits, loss=loss, aux_loss=aux)
 
-    def aux_loss(self) -> torch.Tensor | None:
-        """Router load-balancing loss of the last forward (MoE models); None for dense ones."""
-        losses = [m.last_aux_loss for m in self.modules() if getattr(m, "last_aux_loss", None) is not None]
-        return torch.stack(losses).sum() if losses else None
+    def aux_loss(self, attention_mask: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Router load-balancing loss of the last forward, transformers' `aux_loss` (no coefficient; padding
+        rows dropped by `attention_mask`); None for dense models. Per-layer shares: each block's `last_aux_loss`."""
+        if not self.args.is_moe:
+            return None
+        from .moe import load_balancing_loss  # pooled over layers: not a sum of per-layer losses
+
+        return load_balancing_loss(self, attention_mask)
 
     # ----------------------------------------------------------------------------------------------
     @classmethod

@@ -1,0 +1,304 @@
+"""Sparse mixture-of-experts MLP of Qwen3-VL-MoE (30B-A3B, 235B-A22B), its router loss and expert layouts.
+
+Routing (as transformers 4.57 and 5.x): router logits in the activation dtype, softmax in fp32, top-k, the
+k weights always renormalised to sum to 1 (`norm_topk_prob` is not read by transformers; neither by us).
+
+Our expert parameters use the hub layout, `gate_up_proj [E, H, 2I]` and `down_proj [E, I, H]`: it is what
+real checkpoints store (no transpose on load or save) and it is the `x @ W[e]` operand grouped GEMM takes.
+transformers 5.x holds and saves the transpose (`[E, 2I, H]`, `[E, H, I]`); `expert_tensor_from_hf`
+converts, deciding the layout from recorded facts whenever the shape cannot tell.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelArgs, TextArgs
+
+# hub: gate_up_proj [E, H, 2I], down_proj [E, I, H] (hub checkpoints, transformers 4.57, our saves)
+# transformers5: gate_up_proj [E, 2I, H], down_proj [E, H, I] (transformers 5.x in memory and save_pretrained)
+HUB, TRANSFORMERS5 = "hub", "transformers5"
+LAYOUT_KEY = "vlmtune_expert_layout"  # written into config.json by our save_pretrained
+
+_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether PyTorch has a grouped GEMM kernel for `x`'s device and dtype (and these expert weights)."""
+    if _grouped_mm is None:
+        return False
+    if x.device.type == "cuda":
+        # torch._grouped_mm alone (torch < 2.10) is Hopper-only; F.grouped_mm runs on sm80+. bf16 only, and
+        # every row stride a multiple of 16 bytes.
+        need = (8, 0) if hasattr(F, "grouped_mm") else (9, 0)
+        aligned = all(d % 8 == 0 for w in weights for d in w.shape[1:]) and x.shape[-1] % 8 == 0
+        return x.dtype == torch.bfloat16 and aligned and torch.cuda.get_device_capability(x.device) >= need
+    if x.device.type == "cpu":
+        # The CPU kernel exists from torch 2.9 (F.grouped_mm from 2.10); up to 2.10 it needs 16-byte aligned data.
+        aligned = all(t.data_ptr() % 16 == 0 for t in (x, *weights))
+        return hasattr(F, "grouped_mm") and aligned and x.dtype in (torch.float32, torch.bfloat16)
+    return False
+
+
+def swiglu_by_expert(
+    rows: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, counts: torch.Tensor, *, grouped: bool
+) -> torch.Tensor:
+    """SwiGLU of rows already grouped by expert (`counts[e]` consecutive rows for expert e), `[R, H] -> [R, H]`:
+    one grouped GEMM per projection, or one matmul per active expert. Idle experts cost nothing."""
+    if grouped:
+        offs = counts.cumsum(0).to(torch.int32)
+        gate, up = _grouped_mm(rows, gate_up, offs=offs).chunk(2, dim=-1)
+        return _grouped_mm(F.silu(gate) * up, down, offs=offs)
+    # split/unbind (not slicing): their backward writes one gradient tensor, not one per expert.
+    sizes = counts.tolist()
+    parts = []
+    for r, w1, w2, c in zip(rows.split(sizes), gate_up.unbind(0), down.unbind(0), sizes):
+        if c:
+            gate, up = (r @ w1).chunk(2, dim=-1)
+            parts.append((F.silu(gate) * up) @ w2)
+    return torch.cat(parts) if parts else rows.new_zeros(0, down.shape[-1])
+
+
+def expert_mlp(
+    x: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    index: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    grouped: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sum_j weights[n, j] * SwiGLU_{index[n, j]}(x[n])` for `x [N, H]`; returns (out [N, H], counts [E]).
+
+    The N*k (token, slot) pairs are sorted by expert so each expert sees one contiguous block of rows. The k
+    results of a token are summed by a reduction (fp32 accumulation, deterministic), not an index_add.
+    """
+    n, k = index.shape
+    flat = index.reshape(-1)
+    order = torch.argsort(flat, stable=True)  # stable: each expert's rows stay in token order
+    counts = torch.bincount(flat, minlength=gate_up.shape[0])
+    y = swiglu_by_expert(x[order // k], gate_up, down, counts, grouped=grouped)
+    y = y * weights.reshape(-1)[order, None]
+    # Back to (token, slot) order, then sum the k slots of each token.
+    y = torch.zeros_like(y).index_copy(0, order, y)
+    return y.view(n, k, -1).sum(1).to(x.dtype), counts
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts with gate and up fused, stored in the hub layout (see module docstring)."""
+
+    def __init__(self, num_experts: int, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, hidden, 2 * intermediate))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, intermediate, hidden))
+        # None: grouped GEMM where the device supports it; True/False force a path (tests, benchmark).
+        self.use_grouped_mm: bool | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.gate_up_proj, std=0.02)  # transformers' initializer_range default
+        nn.init.normal_(self.down_proj, std=0.02)
+
+    def forward(self, x, index, weights):
+        grouped = self.use_grouped_mm
+        if grouped is None:
+            grouped = grouped_mm_supported(x, self.gate_up_proj, self.down_proj)
+        return expert_mlp(x, self.gate_up_proj, self.down_proj, index, weights, grouped=grouped)
+
+
+class SparseMoE(nn.Module):
+    """Router + experts. After each forward:
+
+    - `last_tokens_per_expert` [E] int64: (token, expert) assignments, for logging expert load;
+    - `last_aux_loss`: this layer's share of the model's load-balancing loss, filled in by
+      `load_balancing_loss` (`Qwen3VL.forward` runs it); the shares sum to the model's `aux_loss`.
+    """
+
+    def __init__(self, args: TextArgs):
+        super().__init__()
+        self.num_experts = args.num_experts
+        self.top_k = args.num_experts_per_tok
+        self.gate = nn.Linear(args.hidden_size, args.num_experts, bias=False)
+        self.experts = Experts(args.num_experts, args.hidden_size, args.moe_intermediate_size)
+        self.last_tokens_per_expert: torch.Tensor | None = None
+        self.last_aux_loss: torch.Tensor | None = None
+        self._probs: torch.Tensor | None = None  # [N, E] fp32, until the model's aux loss consumed it
+        self._index: torch.Tensor | None = None  # [N, k]
+        self._rows_shape: tuple[int, int] = (0, 0)  # (B, L) of the last input
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, H] -> (probs [N, E] fp32, top-k weights [N, k] in x.dtype, top-k expert index [N, k])."""
+        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)
+        top, index = probs.topk(self.top_k, dim=-1)
+        top = top / top.sum(dim=-1, keepdim=True)
+        return probs, top.to(x.dtype), index
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        probs, weights, index = self.route(flat)
+        out, counts = self.experts(flat, index, weights)
+        # Inside backward this is an activation-checkpoint recompute: the forward already recorded this
+        # routing, and holding the recomputed graph on the module would undo the checkpoint's memory saving.
+        if torch._C._current_graph_task_id() == -1:
+            self.last_tokens_per_expert = counts.detach()
+            self.last_aux_loss = None  # set by `load_balancing_loss` (the model runs it after every forward)
+            self._probs, self._index, self._rows_shape = probs, index, (shape[0], flat.shape[0] // shape[0])
+        return out.view(shape)
+
+
+def sparse_blocks(model: nn.Module) -> list[SparseMoE]:
+    return [m for m in model.modules() if isinstance(m, SparseMoE)]
+
+
+def load_balancing_loss(model: nn.Module, attention_mask: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The router aux loss of the model's last forward: transformers' `load_balancing_loss_func` (its
+    `aux_loss` output; no `router_aux_loss_coef`, the trainer scales it). None for a dense model.
+
+    `E * sum_e f_e * P_e`: `f_e` the top-k assignments to expert e and `P_e` its summed router probability,
+    both pooled over all sparse layers and divided by the (layer, token) row count; `attention_mask` drops
+    padding rows. Pooled, so not a sum of per-layer losses. Each block's `last_aux_loss` becomes its share
+    (`P` of that layer alone; the shares sum to the total) and the per-token routing state is freed; a
+    second call returns the total from the shares.
+    """
+    blocks = sparse_blocks(model)
+    ran = [b for b in blocks if b._probs is not None]
+    if not ran:
+        shares = [b.last_aux_loss for b in blocks if b.last_aux_loss is not None]
+        return torch.stack(shares).sum() if shares else None
+    n_exp, k, dev = ran[0].num_experts, ran[0].top_k, ran[0]._probs.device
+    bsz, seq = ran[0]._rows_shape
+    if attention_mask is None:
+        w = torch.ones(bsz * seq, device=dev)
+    else:
+        if attention_mask.ndim != 2 or attention_mask.shape[0] != bsz or attention_mask.shape[1] < seq:
+            raise ValueError(
+                f"attention_mask {tuple(attention_mask.shape)} does not cover the {bsz}x{seq} routed tokens"
+            )
+        # With a KV cache the mask covers cached + new tokens; the routed rows are the last `seq`.
+        w = attention_mask[:, -seq:].reshape(-1).to(dev, torch.float32)
+    rows = w.sum() * len(ran)
+    with torch.no_grad():  # counts carry no gradient (they come from topk), as in transformers
+        assigned = torch.zeros(n_exp, device=dev)
+        for b in ran:
+            assigned = assigned.scatter_add(0, b._index.reshape(-1), w.repeat_interleave(k))
+        f = assigned / rows
+    prob_sums = [(b._probs * w[:, None]).sum(0) for b in ran]
+    for b, p in zip(ran, prob_sums):
+        b.last_aux_loss = n_exp * (f * p / rows).sum()
+        b._probs = b._index = None
+    return n_exp * (f * torch.stack(prob_sums).sum(0) / rows).sum()
+
+
+def tokens_per_expert(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{module name: [E] assignment counts of the last forward} for every sparse layer (expert-load logging)."""
+    return {
+        name: m.last_tokens_per_expert
+        for name, m in model.named_modules()
+        if isinstance(m, SparseMoE) and m.last_tokens_per_expert is not None
+    }
+
+
+# ------------------------------------------------------------------------------------------------------
+# Checkpoint layouts
+
+
+def _layout_from_version(version: str) -> str:
+    major = int(str(version).split(".")[0])
+    return TRANSFORMERS5 if major >= 5 else HUB
+
+
+def recorded_layout(cfg: dict) -> tuple[str | None, str]:
+    """(layout, why) from the facts config.json records; layout None when it records none.
+
+    Our metadata counts only while `transformers_version` is absent: we drop that key on save, and
+    transformers writes it back whenever it re-saves (and re-lays out) the weights.
+    """
+    ours = cfg.get(LAYOUT_KEY)
+    version = cfg.get("transformers_version")
+    if ours is not None and version is None:
+        if ours not in (HUB, TRANSFORMERS5):
+            raise ValueError(f"'{LAYOUT_KEY}' is {ours!r}; expected '{HUB}' or '{TRANSFORMERS5}'")
+        return ours, f"'{LAYOUT_KEY}': '{ours}'"
+    if version is not None:
+        try:
+            return _layout_from_version(version), f"'transformers_version': '{version}'"
+        except ValueError:
+            raise ValueError(f"'transformers_version' {version!r} is not a version number") from None
+    return None, "no 'transformers_version' and no '" + LAYOUT_KEY + "'"
+
+
+def _hub_shape(name: str, args: ModelArgs) -> tuple[int, int, int]:
+    t = args.text
+    if name.endswith("gate_up_proj"):
+        return (t.num_experts, t.hidden_size, 2 * t.moe_intermediate_size)
+    return (t.num_experts, t.moe_intermediate_size, t.hidden_size)
+
+
+def expert_tensor_from_hf(name: str, tensor: torch.Tensor, args: ModelArgs, ctx: dict) -> torch.Tensor:
+    """A checkpoint's `mlp.experts.{gate_up_proj,down_proj}` -> our (hub) layout.
+
+    A shape that fits only one layout decides for itself; a square one (`gate_up_proj` when
+    2*moe_intermediate_size == hidden_size) is decided by the facts config.json records, and refused
+    when it records none or when another expert tensor contradicts them.
+    """
+    hub = _hub_shape(name, args)
+    t5 = (hub[0], hub[2], hub[1])
+    where = os.path.join(ctx.get("checkpoint_dir", "."), "config.json")
+    if "moe_layout" not in ctx:
+        try:
+            ctx["moe_layout"] = recorded_layout(args.hf_config)
+        except ValueError as e:
+            raise _checkpoint_error(f"{where}: {e}") from None
+    layout, why = ctx["moe_layout"]
+    shape = tuple(tensor.shape)
+    if shape not in (hub, t5):
+        raise _checkpoint_error(
+            f"{where}: '{name}' has shape {shape}; expected {hub} (hub) or {t5} (transformers 5)"
+        )
+    if hub != t5:
+        found = HUB if shape == hub else TRANSFORMERS5
+        # If this model also has a square expert tensor, the facts decide it: they must hold here too.
+        if layout is not None and found != layout and _has_square_experts(args):
+            raise _checkpoint_error(
+                f"{where}: records the {layout} expert layout ({why}) but '{name}' has the {found} shape "
+                f"{shape}; this model's square expert tensors cannot be checked by shape, so the checkpoint is "
+                f"refused. Set '{LAYOUT_KEY}' in config.json to the layout the weights use and remove "
+                f"'transformers_version'."
+            )
+        return tensor if found == HUB else tensor.transpose(1, 2).contiguous()
+    if layout is None:
+        raise _checkpoint_error(
+            f"{where}: '{name}' has shape {shape}, identical in both expert layouts "
+            f"(2*moe_intermediate_size == hidden_size), and the config records {why}. Add "
+            f'\'"{LAYOUT_KEY}": "{HUB}"\' (weights as on the Hub / transformers 4.57: gate_up_proj [E, H, 2I]) or '
+            f'\'"{LAYOUT_KEY}": "{TRANSFORMERS5}"\' (written by transformers 5 save_pretrained) to config.json.'
+        )
+    return tensor if layout == HUB else tensor.transpose(1, 2).contiguous()
+
+
+def _has_square_experts(args: ModelArgs) -> bool:
+    """A square expert matrix ([H, 2I] with 2I == H, or [I, H] with I == H) cannot reveal its layout."""
+    t = args.text
+    return 2 * t.moe_intermediate_size == t.hidden_size or t.moe_intermediate_size == t.hidden_size
+
+
+def _checkpoint_error(msg: str) -> Exception:
+    from .hf_io import CheckpointError
+
+    return CheckpointError(msg)
+
+
+def expert_tensor_to_hf(name: str, tensor: torch.Tensor, args: ModelArgs) -> torch.Tensor:
+    """Our layout is the hub layout: saved as is."""
+    return tensor
+
+
+def annotate_saved_config(cfg: dict) -> None:
+    """Record the layout we save in; drop `transformers_version` (it described the source, not our tensors)."""
+    cfg.pop("transformers_version", None)
+    cfg[LAYOUT_KEY] = HUB
