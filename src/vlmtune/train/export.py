@@ -1,0 +1,66 @@
+"""Training checkpoint / sharded model -> Hugging Face directory (`vlmtune export`), and checkpoint loading
+for inference."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from vlmtune.models.qwen3_vl import Qwen3VL, load_config, save_pretrained
+
+from .checkpoint import HF_ASSETS, resolve
+
+
+def export_model(model: Qwen3VL, out_dir: str, *, source_dir: str) -> None:
+    """Gather a (possibly FSDP-sharded) model's full weights on rank 0 and write them in HF format."""
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        with torch.device("meta"):
+            plain = Qwen3VL(model.args)
+        plain.load_state_dict(full, assign=True, strict=False)
+        plain.tie_weights()
+        missing = [n for n, p in plain.named_parameters() if p.is_meta]
+        if missing:
+            raise RuntimeError(f"export: weights missing from the gathered state: {missing[:5]}")
+        save_pretrained(plain, out_dir, source_dir=source_dir)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_model_from_checkpoint(path: str) -> Qwen3VL:
+    """The full model of a training checkpoint (step dir, or a run dir / checkpoints dir with `latest`),
+    on the CPU in its master dtype; `model.source_dir` points at the tokenizer/processor files saved with it."""
+    path = resolve(os.fspath(path))
+    assets = os.path.join(path, HF_ASSETS)
+    args = load_config(assets)
+    with torch.device("meta"):
+        model = Qwen3VL(args)
+    dtype = _saved_dtype(path)
+    model = model.to(dtype).to_empty(device="cpu")
+    model.tie_weights()
+    state = {"model": model.state_dict()}
+    with warnings.catch_warnings():  # "loading in a single process" is the intent here
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, checkpoint_id=path)  # fills the model's tensors in place, from any number of shards
+    model.source_dir = assets
+    return model
+
+
+def _saved_dtype(path: str) -> torch.dtype:
+    meta = dcp.FileSystemReader(path).read_metadata()
+    for key, item in meta.state_dict_metadata.items():
+        if key.startswith("model.") and hasattr(item, "properties"):
+            return item.properties.dtype
+    return torch.float32
+
+
+def export_checkpoint(path: str, out_dir: str) -> str:
+    """`vlmtune export`: streamed tensor by tensor (the conversion `vlmtune convert native-to-hf` runs)."""
+    from .convert import native_to_hf
+
+    return native_to_hf(path, out_dir)

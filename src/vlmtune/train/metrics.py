@@ -1,0 +1,148 @@
+"""What a run reports: metrics.jsonl, TensorBoard, optional W&B, the loss/lr plot, and an MFU estimate."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+
+import torch
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+
+# Dense bf16 peak TFLOP/s of common accelerators (vendor datasheets), for the MFU estimate.
+GPU_PEAK_TFLOPS = {
+    "H200": 989.0,
+    "H100": 989.0,
+    "H800": 989.0,
+    "A100": 312.0,
+    "A800": 312.0,
+    "L40S": 362.0,
+    "4090": 165.0,
+}
+
+
+def peak_tflops(device: torch.device, configured: float) -> float:
+    """The device's peak: configured, else the GPU table, else a measured fp32 matmul on this CPU."""
+    if configured > 0:
+        return configured
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in GPU_PEAK_TFLOPS.items():
+            if key in name:
+                return value
+        return 0.0
+    a = torch.randn(512, 512)
+    a @ a  # warm up
+    t = time.perf_counter()
+    for _ in range(8):
+        a @ a
+    return 8 * 2 * 512**3 / (time.perf_counter() - t) / 1e12
+
+
+def flops_per_token(model) -> float:
+    """Matmul FLOPs per input token: forward 2N, backward 2N (activation grads) + 2N_trainable (weight
+    grads), over non-embedding parameters (the embedding is a lookup; the chunked loss applies lm_head to
+    label tokens only). Attention scores are ignored: an estimate."""
+    skip = {id(model.language_model.embed_tokens.weight), id(model.lm_head.weight)}
+    params = [p for p in model.parameters() if id(p) not in skip]
+    n = sum(p.numel() for p in params)
+    n_trainable = sum(p.numel() for p in params if p.requires_grad)
+    return 4 * n + 2 * n_trainable
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class MetricsLogger:
+    """Rank 0 writes; other ranks' calls are no-ops."""
+
+    def __init__(self, output_dir: str, cfg, *, rank: int, resume_step: int = 0):
+        self.output_dir, self.rank, self.cfg = output_dir, rank, cfg
+        self.path = os.path.join(output_dir, METRICS_FILE)
+        self.tb = self.wandb = None
+        if rank != 0:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        truncate(self.path, resume_step)
+        if cfg.logging.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=resume_step + 1)
+        if cfg.logging.wandb:
+            import wandb
+
+            self.wandb = wandb.init(project=cfg.logging.wandb_project, dir=output_dir, config=cfg.to_dict())
+
+    def log(self, record: dict) -> None:
+        if self.rank != 0:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        step = record["step"]
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and value is not None:
+                if self.tb is not None:
+                    self.tb.add_scalar(
+                        f"train/{key}" if not key.startswith("val_") else f"val/{key[4:]}", value, step
+                    )
+        if self.wandb is not None:
+            self.wandb.log(record, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def truncate(path: str, step: int) -> None:
+    """Drop records after `step` (a resumed run logs those steps again)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
+
+
+def read_metrics(output_dir: str) -> list[dict]:
+    path = os.path.join(output_dir, METRICS_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no metrics; is {output_dir!r} the output_dir of a training run?")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot(output_dir: str, out: str | None = None) -> str:
+    """Loss (and validation loss) and lr against step, as a PNG; returns its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(output_dir)
+    train = [r for r in records if "loss" in r]
+    val = [r for r in records if "val_loss" in r]
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    ax1.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+    if val:
+        ax1.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss")
+    ax1.set_ylabel("loss")
+    ax1.legend()
+    ax1.grid(alpha=0.3)
+    ax2.plot([r["step"] for r in train], [r["lr"] for r in train], color="tab:orange")
+    ax2.set_ylabel("learning rate")
+    ax2.set_xlabel("step")
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    out = out or os.path.join(output_dir, PLOT_FILE)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

@@ -1,0 +1,183 @@
+"""One optimizer step: the loss-computing root module, gradient accumulation, clipping, NaN handling."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from vlmtune.models.qwen3_vl import Qwen3VL
+
+from .loss import (
+    MicroBatchCounts,
+    StepNormalizers,
+    aux_loss_weight,
+    count_labels,
+    microbatch_loss,
+    step_normalizers,
+)
+
+MODEL_KEYS = (
+    "input_ids",
+    "position_ids",
+    "cu_seqlens",
+    "pixel_values",
+    "image_grid_thw",
+    "pixel_values_videos",
+    "video_grid_thw",
+)
+
+
+class TrainModule(nn.Module):
+    """Model + loss in one forward, so FSDP's root unit keeps lm_head gathered while the chunked loss reads it.
+
+    A micro-batch without images or videos still runs the vision tower (and every DeepStack merger) on a
+    dummy 1x2x2 grid whose output joins the loss times zero: under FSDP every rank must run the same
+    sharded units forward and backward, or the ranks that saw images wait forever for the others. For the
+    same reason the token embeddings always require grad in training (see `_embeddings_need_grad`)."""
+
+    def __init__(
+        self, model: Qwen3VL, loss_type: str = "token_mean", chunk_size: int = 1024, aux_coef: float = 1.0
+    ):
+        super().__init__()
+        self.model = model
+        self.loss_type, self.chunk_size, self.aux_coef = loss_type, chunk_size, aux_coef
+        model.language_model.embed_tokens.register_forward_hook(_embeddings_need_grad)
+
+    def forward(self, batch: dict, counts: MicroBatchCounts, norm: StepNormalizers) -> torch.Tensor:
+        inputs = {k: batch[k] for k in MODEL_KEYS if batch.get(k) is not None}
+        dummy = None
+        if batch.get("pixel_values") is None and batch.get("pixel_values_videos") is None:
+            # Before the decoder, where a batch with images runs the vision tower: the sharded units
+            # must be gathered in the same order on every rank.
+            dummy = self._dummy_vision(batch["input_ids"].device)
+        out = self.model(**inputs, return_hidden=True)
+        loss = microbatch_loss(
+            out.hidden_states, self.model.lm_head.weight, batch, counts, norm, self.loss_type, self.chunk_size
+        )
+        if dummy is not None:
+            loss = loss + 0.0 * dummy
+        if out.aux_loss is not None and self.aux_coef:
+            loss = loss + self.aux_coef * aux_loss_weight(counts, norm, self.loss_type) * out.aux_loss.float()
+        return loss
+
+    def _dummy_vision(self, device) -> torch.Tensor:
+        v = self.model.visual
+        merge = v.args.spatial_merge_size
+        patches = torch.zeros(
+            merge * merge, v.args.patch_dim, device=device, dtype=v.patch_embed.proj.weight.dtype
+        )
+        grid = torch.tensor([[1, merge, merge]], device=device)
+        feats, deepstack = v(patches, grid)
+        return feats.float().sum() + sum(d.float().sum() for d in deepstack)
+
+
+def _embeddings_need_grad(module, args, out):
+    """With a frozen text decoder, a text-only micro-batch would skip the decoder's backward while an image
+    micro-batch on another rank runs it (to reach the vision tower): FSDP would then wait forever. Making the
+    embeddings require grad gives every rank the same backward."""
+    if torch.is_grad_enabled() and not out.requires_grad:
+        out.requires_grad_(True)
+    return out
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+@dataclass
+class StepResult:
+    loss: float  # the step's loss in the configured mode (all ranks)
+    grad_norm: float
+    tokens: int  # input tokens of the step, all ranks
+    label_tokens: int
+    skipped: bool
+
+
+def clip_and_norm(params: list[torch.Tensor], max_norm: float) -> float:
+    """Global gradient norm over all ranks (FSDP shards are DTensors); clips in place when max_norm > 0."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
+    if isinstance(total, DTensor):
+        total = total.full_tensor()
+    if max_norm > 0 and math.isfinite(float(total)):
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
+    return float(total)
+
+
+def forward_backward(
+    root: TrainModule, micro_batches: list[dict], device, world_size: int
+) -> tuple[float, int, int]:
+    """Gradients of the step's loss accumulated in `.grad`; returns (step loss over all ranks, tokens, label tokens).
+
+    The counts the loss divides by are all-reduced before the first backward."""
+    counts = [count_labels(b) for b in micro_batches]
+    norm = step_normalizers(counts)
+    local = torch.zeros((), dtype=torch.float64)
+    tokens = 0
+    for batch, c in zip(micro_batches, counts):
+        batch = to_device(batch, device)
+        share = root(batch, c, norm)
+        # FSDP averages gradients over ranks; our shares are already divided by step totals, so undo it.
+        (share * world_size).backward()
+        local += share.detach().double().cpu()
+        tokens += int(batch["input_ids"].numel())
+    stats = torch.tensor([float(local), tokens], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(stats)
+    return float(stats[0]), int(stats[1]), int(norm.tokens)
+
+
+def train_step(
+    root: TrainModule,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: list[dict],
+    *,
+    device,
+    world_size: int,
+    clip_grad: float,
+    on_nan: str,
+    step: int,
+) -> StepResult:
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    loss, tokens, label_tokens = forward_backward(root, micro_batches, device, world_size)
+    grad_norm = clip_and_norm(params, clip_grad)
+    finite = math.isfinite(loss) and math.isfinite(grad_norm)
+    if not finite:
+        ids = [i for b in micro_batches for i in b.get("sample_ids", [])]
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        msg = f"step {step}: non-finite loss={loss} grad_norm={grad_norm}; rank {rank} sample ids: {ids}"
+        if on_nan == "stop":
+            raise FloatingPointError(msg + " (train.on_nan=stop)")
+        print(msg + " -> step skipped (train.on_nan=skip)", flush=True)
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(
+        loss=loss, grad_norm=grad_norm, tokens=tokens, label_tokens=label_tokens, skipped=not finite
+    )
+
+
+@torch.no_grad()
+def eval_loss(root: TrainModule, batches, device) -> tuple[float, int]:
+    """Token-mean loss over `batches` on all ranks (same dummy-vision path as training, so no rank hangs)."""
+    total = torch.zeros(2, dtype=torch.float64)
+    unit = StepNormalizers(tokens=1.0, samples=1.0, microbatches=1.0)
+    loss_type = root.loss_type
+    root.loss_type = "token_mean"
+    try:
+        for batch in batches:
+            c = count_labels(batch)
+            total[0] += float(root(to_device(batch, device), c, unit))
+            total[1] += c.tokens
+    finally:
+        root.loss_type = loss_type
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    return float(total[0] / max(total[1], 1.0)), int(total[1])

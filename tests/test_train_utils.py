@@ -1,0 +1,96 @@
+"""Helpers shared by the trainer tests (no tests here): random encoded samples and a packer for them."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from vlmtune.models.qwen3_vl.rope import sample_positions
+
+# Small-vocab models keep the full-vocab lm_head matmuls (and float64 gradient checks) fast.
+SMALL_VOCAB = 1024
+IMAGE_TOKEN = 1000
+
+
+def small_vocab_model(dtype=torch.float64, seed: int = 0, **kwargs):
+    """Random tiny Qwen3VL with a 1024-token vocabulary (vision tokens 1000..1003)."""
+    from vlmtune.models.qwen3_vl import Qwen3VL, args_from_hf_dict
+    from vlmtune.testing import tiny_config_dict
+
+    cfg = tiny_config_dict(vocab_size=SMALL_VOCAB, **kwargs)
+    cfg.update(image_token_id=1000, video_token_id=1001, vision_start_token_id=1002, vision_end_token_id=1003)
+    torch.manual_seed(seed)
+    model = Qwen3VL(args_from_hf_dict(cfg))
+    for name, p in model.named_parameters():
+        if "norm" not in name:  # default inits leave tiny models nearly linear; widen them a little
+            torch.nn.init.normal_(p, std=0.05)
+    return model.to(dtype)
+
+
+def random_sample(seed: int, length: int, *, image: bool = False, answer: int = 4, vocab: int = 999) -> dict:
+    """An encoded sample as the processor returns it: the last `answer` tokens are labelled.
+
+    With `image=True` a 2x4-patch image (2 merged tokens) sits at the start of the sequence."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (length,), generator=g)
+    out = {}
+    grids = []
+    if image:
+        grid = torch.tensor([[1, 2, 4]])
+        ids[1:3] = IMAGE_TOKEN
+        out["pixel_values"] = torch.randn(8, 1536, generator=g)
+        out["image_grid_thw"] = grid
+        grids = [tuple(grid[0].tolist())]
+    labels = torch.full_like(ids, -100)
+    labels[-answer:] = ids[-answer:]
+    pos = sample_positions(
+        ids, iter(grids), iter([]), image_token_id=IMAGE_TOKEN, video_token_id=1001, spatial_merge_size=2
+    )
+    out.update(input_ids=ids, labels=labels, position_ids=pos, sample_id=seed)
+    return out
+
+
+def pack(samples: list[dict]) -> dict:
+    """Concatenate encoded samples into one packed micro-batch (the layout vlmtune.data.collate.pack makes)."""
+    lens = torch.tensor([s["input_ids"].numel() for s in samples])
+    batch = {
+        "input_ids": torch.cat([s["input_ids"] for s in samples])[None],
+        "labels": torch.cat([s["labels"] for s in samples])[None],
+        "position_ids": torch.cat([s["position_ids"] for s in samples], dim=1)[:, None],
+        "cu_seqlens": F.pad(lens.cumsum(0), (1, 0)).to(torch.int32),
+        "sample_ids": [s["sample_id"] for s in samples],
+    }
+    with_pixels = [s for s in samples if "pixel_values" in s]
+    if with_pixels:
+        batch["pixel_values"] = torch.cat([s["pixel_values"] for s in with_pixels])
+        batch["image_grid_thw"] = torch.cat([s["image_grid_thw"] for s in with_pixels])
+    return batch
+
+
+def grads(module) -> dict[str, torch.Tensor]:
+    """Full (unsharded) gradients by parameter name."""
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for name, p in module.named_parameters():
+        if p.grad is not None:
+            g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+            out[name] = g.detach().clone()
+    return out
+
+
+def max_rel_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys() and a
+    return max(float((a[k] - b[k]).norm() / b[k].norm().clamp(min=1e-30)) for k in a)
+
+
+def make_run_checkpoint(out_dir: str) -> str:
+    """A tiny random HF checkpoint with the real tokenizer, tied embeddings and a narrow width, so full
+    training runs (checkpoints of model + optimizer every step) stay quick."""
+    from vlmtune.testing import make_tiny_checkpoint
+
+    make_tiny_checkpoint(
+        out_dir, seed=0, text_hidden=32, text_layers=2, heads=2, kv_heads=1, head_dim=16,
+        vision_hidden=32, vision_depth=2, deepstack=(0,), tie_word_embeddings=True,
+    )  # fmt: skip
+    return out_dir
