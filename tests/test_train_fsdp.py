@@ -43,7 +43,7 @@ def _worker(rank: int, world: int, port: int, ckpt: str, out: str) -> None:
 
     info = init_distributed("cpu")
     root, model = build_sharded_model(
-        ckpt, lambda m: TrainModule(m, "token_mean", 4), info.mesh, info.device, dtype=torch.float64
+        ckpt, lambda m: TrainModule(m, "token_mean", 4), info, info.device, dtype=torch.float64
     )
     first_grads = {}
     for loss_type in ("token_mean", "sample_mean"):
@@ -57,7 +57,7 @@ def _worker(rank: int, world: int, port: int, ckpt: str, out: str) -> None:
     losses = []
     for step in range(STEPS):
         r = train_step(
-            root, optimizer, step_batches(step)[rank], device=info.device, world_size=world,
+            root, optimizer, step_batches(step)[rank], device=info.device, dp_size=world,
             clip_grad=cfg.optim.clip_grad, on_nan="stop", step=step,
         )  # fmt: skip
         losses.append(r.loss)
@@ -111,7 +111,7 @@ def test_two_ranks_equal_one_process(small_ckpt, tmp_path):
     for step in range(STEPS):
         micro = [b for rank in step_batches(step) for b in rank]
         r = train_step(
-            root, optimizer, micro, device=cpu, world_size=1, clip_grad=0.5, on_nan="stop", step=step
+            root, optimizer, micro, device=cpu, dp_size=1, clip_grad=0.5, on_nan="stop", step=step
         )
         losses.append(r.loss)
     assert losses[0] != losses[-1]  # the optimizer really moved the weights
@@ -129,7 +129,7 @@ def _frozen_worker(rank: int, world: int, port: int, ckpt: str, out: str, group:
     setattr(cfg.freeze, group, True)
     info = init_distributed("cpu")
     root, model = build_sharded_model(
-        ckpt, lambda m: TrainModule(m, "token_mean", 4), info.mesh, info.device, dtype=torch.float64,
+        ckpt, lambda m: TrainModule(m, "token_mean", 4), info, info.device, dtype=torch.float64,
         prepare=lambda m: apply_freeze(m, cfg.freeze),
     )  # fmt: skip
     forward_backward(root, step_batches(1)[rank], info.device, world)  # rank 1: text only

@@ -29,7 +29,7 @@ def samples():
 def step_grads(model, micro_batches, loss_type):
     root = TrainModule(model, loss_type=loss_type, chunk_size=5)
     model.zero_grad(set_to_none=True)
-    loss, _, _ = forward_backward(root, micro_batches, torch.device("cpu"), world_size=1)
+    loss, _, _ = forward_backward(root, micro_batches, torch.device("cpu"), dp_size=1)
     return loss, grads(model)
 
 

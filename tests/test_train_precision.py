@@ -29,7 +29,7 @@ def test_bf16_fsdp_step_tracks_fp32(tmp_path, ac, device):
             root, model = build_sharded_model(
                 d,
                 lambda m: TrainModule(m),
-                info.mesh,
+                info,
                 info.device,
                 mixed_precision=mp,
                 activation_checkpointing=ac,
@@ -38,7 +38,7 @@ def test_bf16_fsdp_step_tracks_fp32(tmp_path, ac, device):
             opt = build_optimizer(model, cfg)
             losses[mp] = [
                 train_step(
-                    root, opt, batches, device=info.device, world_size=1, clip_grad=1.0, on_nan="stop", step=s
+                    root, opt, batches, device=info.device, dp_size=1, clip_grad=1.0, on_nan="stop", step=s
                 ).loss
                 for s in range(3)
             ]

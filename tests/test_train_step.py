@@ -56,7 +56,7 @@ def test_frozen_group_unchanged_and_without_optimizer_state(group):
     root = TrainModule(model, chunk_size=8)
     for step in range(2):
         train_step(
-            root, optimizer, batches(), device=CPU, world_size=1, clip_grad=1.0, on_nan="stop", step=step
+            root, optimizer, batches(), device=CPU, dp_size=1, clip_grad=1.0, on_nan="stop", step=step
         )
     frozen = set(freeze_groups(model)[group])
     with_state = {id(p) for p in optimizer.state}
@@ -99,14 +99,14 @@ def test_non_finite_step_is_skipped_or_stops(capsys):
     with torch.no_grad():
         model.language_model.norm.weight[0] = float("nan")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    r = train_step(root, opt, batches(), device=CPU, world_size=1, clip_grad=1.0, on_nan="skip", step=7)
+    r = train_step(root, opt, batches(), device=CPU, dp_size=1, clip_grad=1.0, on_nan="skip", step=7)
     assert r.skipped
     out = capsys.readouterr().out
     assert "step 7: non-finite loss" in out and "sample ids: [0, 1, 2]" in out
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]) or (torch.isnan(p).any() and torch.isnan(before[n]).any())
     with pytest.raises(FloatingPointError, match=r"step 8: non-finite .* sample ids: \[0, 1, 2\]"):
-        train_step(root, opt, batches(), device=CPU, world_size=1, clip_grad=1.0, on_nan="stop", step=8)
+        train_step(root, opt, batches(), device=CPU, dp_size=1, clip_grad=1.0, on_nan="stop", step=8)
 
 
 def test_schedule_warmup_and_decay():

@@ -40,10 +40,29 @@ def apply_activation_checkpointing(model: Qwen3VL, mode: str) -> None:
         block.forward = forward
 
 
-def apply_fsdp(root: nn.Module, model: Qwen3VL, mesh, *, param_dtype: torch.dtype, reduce_dtype: torch.dtype):
-    """Shard every block of `model`, then `root` (the module whose forward computes the loss)."""
+def apply_fsdp(
+    root: nn.Module,
+    model: Qwen3VL,
+    mesh,
+    *,
+    param_dtype: torch.dtype,
+    reduce_dtype: torch.dtype,
+    expert_mesh=None,
+    expert_divide_factor: float | None = None,
+):
+    """Shard every block of `model`, then `root` (the module whose forward computes the loss).
+
+    With expert parallelism the experts of each sparse block are their own FSDP unit over `expert_mesh`
+    (the data-parallel ranks holding the same experts). Their gradients already sum the tokens of the
+    whole ep group, so they are divided by the full data-parallel size (`expert_divide_factor`) instead of
+    the size of `expert_mesh`, which keeps them equal to one process's."""
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     for block in blocks(model):
+        experts = getattr(getattr(block, "mlp", None), "experts", None)
+        if expert_mesh is not None and experts is not None:
+            fully_shard(experts, mesh=expert_mesh, mp_policy=mp)
+            if expert_divide_factor is not None:
+                experts.set_gradient_divide_factor(expert_divide_factor)
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(root, mesh=mesh, mp_policy=mp)
 
@@ -51,29 +70,48 @@ def apply_fsdp(root: nn.Module, model: Qwen3VL, mesh, *, param_dtype: torch.dtyp
 def build_sharded_model(
     path: str,
     root_factory,
-    mesh,
-    device: torch.device,
+    info,
+    device: torch.device | None = None,
     *,
     dtype: torch.dtype = torch.float32,
     mixed_precision: str = "fp32",
     activation_checkpointing: str = "none",
     prepare=None,
 ):
-    """Meta build -> `prepare(model)` (freezing) -> checkpointing -> FSDP -> per-shard allocation and loading.
+    """Meta build -> `prepare(model)` (freezing) -> tensor / expert parallelism -> checkpointing -> FSDP ->
+    per-shard allocation and loading. `info` is the DistInfo of `parallel.mesh.init_distributed`.
 
     `root_factory(model)` wraps the model in the module whose forward the trainer calls (the FSDP root).
     Returns (root, model)."""
+    from vlmtune.parallel.expert import apply_expert_parallel
+    from vlmtune.parallel.tensor import apply_tensor_parallel
+
+    device = device or info.device
+    p = info.parallel
     args = load_config(path)
     with torch.device("meta"):
         model = Qwen3VL(args).to(dtype)
     if prepare is not None:
         prepare(model)
+    if p.tp > 1:
+        # Training never gathers logits: the chunked loss is vocab-parallel (see train/loss.py).
+        apply_tensor_parallel(model, info.mesh["tp"], gather_logits=False)
+    if p.ep > 1:
+        apply_expert_parallel(model, info.mesh["ep"])
     apply_activation_checkpointing(model, activation_checkpointing)
     root = root_factory(model)
     compute = torch.bfloat16 if mixed_precision == "bf16" else dtype
     # bf16 compute reduces gradients in fp32; otherwise in the master dtype.
     reduce = torch.float32 if mixed_precision == "bf16" else dtype
-    apply_fsdp(root, model, mesh, param_dtype=compute, reduce_dtype=reduce)
+    apply_fsdp(
+        root,
+        model,
+        info.fsdp_mesh,
+        param_dtype=compute,
+        reduce_dtype=reduce,
+        expert_mesh=info.expert_fsdp_mesh if p.ep > 1 else None,
+        expert_divide_factor=float(info.dp_size) if p.ep > 1 else None,
+    )
     root.to_empty(device=device)
     # A full checkpoint tensor copied into a sharded parameter keeps only this rank's slice (no comms).
     with implicit_replication():

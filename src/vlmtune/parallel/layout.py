@@ -17,17 +17,24 @@ from vlmtune.models.qwen3_vl.config import ModelArgs
 from vlmtune.parallel.tensor import ParallelConfigError, validate_tensor_parallel
 
 
+def _f(default, help: str, choices: tuple | None = None):
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class ParallelConfig:
-    dp_replicate: int = 1
-    dp_shard: int = -1  # -1: the rest of the world
-    tp: int = 1
-    pp: int = 1
-    ep: int = 1
-    llm_pp_layers: list[int] = field(default_factory=list)  # decoder layers per stage (MindSpeed-MM's list)
-    vit_pp_layers: list[int] = field(default_factory=list)  # vision blocks per stage; all on stage 0
-    pp_schedule: str = "1f1b"  # 1f1b | interleaved
-    pp_microbatches: int = 0  # 0: gradient accumulation steps become pipeline micro-batches
+    dp_replicate: int = _f(1, "HSDP replicas (each holds a full FSDP-sharded copy)")
+    dp_shard: int = _f(-1, "FSDP2 shards (-1: the rest of the world)")
+    tp: int = _f(1, "tensor parallel size (attention heads, intermediate units, vocabulary)")
+    pp: int = _f(1, "pipeline parallel size (not yet wired into vlmtune train)")
+    ep: int = _f(1, "expert parallel size (MoE); divides dp_shard and the number of experts")
+    llm_pp_layers: list = _f([], "decoder layers per pipeline stage, e.g. [6, 10, 10, 10]")
+    vit_pp_layers: list = _f([], "vision blocks per stage; all on the first stage, e.g. [27, 0, 0, 0]")
+    pp_schedule: str = _f("1f1b", "pipeline schedule", ("1f1b", "interleaved"))
+    pp_microbatches: int = _f(0, "pipeline micro-batches per step (0: the gradient accumulation steps)")
 
     @property
     def dp(self) -> int:

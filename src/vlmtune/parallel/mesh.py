@@ -1,4 +1,4 @@
-"""Process group and data-parallel mesh from the torchrun environment (or a single process)."""
+"""Process group and the device mesh of the `parallel:` layout, from the torchrun environment (or one process)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from vlmtune.parallel.layout import ParallelConfig, build_mesh, resolve
+
 
 @dataclass
 class DistInfo:
@@ -15,21 +17,46 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
-    mesh: object  # DeviceMesh over the data-parallel ranks
+    mesh: object  # DeviceMesh: pp, dp_replicate, dp_shard_mod_ep, ep, tp (+ flattened dp_shard, dp)
+    parallel: ParallelConfig  # resolved sizes
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's data shard: ranks that differ only in tp (or pp) read the same data."""
+        return self.mesh["dp"].get_local_rank()
+
+    @property
+    def dp_size(self) -> int:
+        return self.mesh["dp"].size()
+
+    @property
+    def dp_group(self):
+        return self.mesh["dp"].get_group()
+
+    @property
+    def fsdp_mesh(self):
+        """FSDP2 mesh for non-expert weights: shard over dp_shard, replicate over dp_replicate (HSDP)."""
+        p = self.parallel
+        return self.mesh["dp_replicate", "dp_shard"] if p.dp_replicate > 1 else self.mesh["dp_shard"]
+
+    @property
+    def expert_fsdp_mesh(self):
+        p = self.parallel
+        return self.mesh["dp_replicate", "dp_shard_mod_ep"] if p.dp_replicate > 1 else self.mesh["dp_shard_mod_ep"]
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
+def init_distributed(device: str = "auto", parallel: ParallelConfig | None = None, args=None) -> DistInfo:
     """Reads WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT (set by torchrun). Without them this is a
     world of one, still with a process group so the same FSDP code path runs everywhere. NCCL on GPUs,
-    gloo on CPU."""
-    from torch.distributed.device_mesh import init_device_mesh
-
+    gloo on CPU. `parallel` (checked against `args`, the model's ModelArgs) shapes the mesh; default: FSDP
+    over every rank."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
         raise RuntimeError("train.device=cuda but no CUDA device is visible; set train.device=cpu")
+    layout = resolve(parallel or ParallelConfig(), world, args)  # before any process group: errors come early
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
@@ -39,8 +66,8 @@ def init_distributed(device: str = "auto") -> DistInfo:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         else:
             dist.init_process_group(backend, rank=rank, world_size=world)
-    mesh = init_device_mesh(dev.type, (world,), mesh_dim_names=("dp",))
-    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev, mesh=mesh)
+    mesh = build_mesh(layout, dev.type)
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev, mesh=mesh, parallel=layout)
 
 
 def close_distributed() -> None:

@@ -104,7 +104,11 @@ def save(
     no_save_optim: bool,
     no_save_rng: bool,
     keep_last: int,
+    dp_rank: int | None = None,
+    dp_size: int | None = None,
 ) -> str:
+    """`dp_rank`/`dp_size` (default: rank / world size) say which data shard this rank reads, so a resume
+    under another parallel layout with the same data parallelism restores the exact data position."""
     root = os.path.join(output_dir, CHECKPOINTS)
     name = step_name(step)
     tmp, final = os.path.join(root, f".tmp_{name}"), os.path.join(root, name)
@@ -121,12 +125,18 @@ def save(
     if not no_save_rng:
         local["rng"] = rng_state()
     torch.save(local, os.path.join(tmp, f"rank_{rank:05d}.pt"))
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    dp_ranks = [rank if dp_rank is None else dp_rank]
+    if dist.is_initialized():
+        dp_ranks = [None] * world
+        dist.all_gather_object(dp_ranks, rank if dp_rank is None else dp_rank)
     if rank == 0:
-        world = dist.get_world_size() if dist.is_initialized() else 1
         meta = {
             **meta,
             "step": step,
             "world_size": world,
+            "dp_size": world if dp_size is None else dp_size,
+            "dp_rank_of_rank": dp_ranks,
             "has_optim": not no_save_optim,
             "has_rng": not no_save_rng,
         }
@@ -158,8 +168,22 @@ def prune(root: str, keep_last: int) -> None:
         shutil.rmtree(os.path.join(root, d), ignore_errors=True)
 
 
-def load(path: str, *, model, optimizer, loader, no_load_optim: bool, no_load_rng: bool) -> dict:
-    """Restore model (and optimizer, loader, RNG unless told not to); returns meta.json's contents."""
+def load(
+    path: str,
+    *,
+    model,
+    optimizer,
+    loader,
+    no_load_optim: bool,
+    no_load_rng: bool,
+    dp_rank: int | None = None,
+    dp_size: int | None = None,
+) -> dict:
+    """Restore model (and optimizer, loader, RNG unless told not to); returns meta.json's contents.
+
+    Weights and optimizer state reshard to any layout. The data position (and RNG) come back exactly when
+    the data parallelism is the same as at save time (`dp_size`; the per-rank state of a rank that read the
+    same data shard is used), otherwise the data order restarts at the saved epoch."""
     with open(os.path.join(path, "meta.json")) as f:
         meta = json.load(f)
     if not no_load_optim and not meta["has_optim"]:
@@ -178,15 +202,19 @@ def load(path: str, *, model, optimizer, loader, no_load_optim: bool, no_load_rn
     if not no_load_optim:
         set_optimizer_state_dict(model, optimizer, state["optim"])
     world = dist.get_world_size() if dist.is_initialized() else 1
-    rank_file = os.path.join(path, f"rank_{_rank():05d}.pt")
-    local = torch.load(rank_file, weights_only=False) if os.path.exists(rank_file) else {}
-    if meta["world_size"] != world:
+    my_dp_rank = _rank() if dp_rank is None else dp_rank
+    my_dp_size = world if dp_size is None else dp_size
+    saved_dp_size = meta.get("dp_size", meta["world_size"])
+    owners = meta.get("dp_rank_of_rank", list(range(meta["world_size"])))
+    if saved_dp_size != my_dp_size or my_dp_rank not in owners:
         print(
-            f"{path}: saved with {meta['world_size']} ranks, resuming on {world}: the data order restarts at "
-            "the saved epoch and RNG states are not restored",
+            f"{path}: saved with {saved_dp_size} data-parallel rank(s), resuming on {my_dp_size}: the data order "
+            "restarts at the saved epoch and RNG states are not restored",
             flush=True,
         )
         return meta
+    rank_file = os.path.join(path, f"rank_{owners.index(my_dp_rank):05d}.pt")
+    local = torch.load(rank_file, weights_only=False) if os.path.exists(rank_file) else {}
     if loader is not None and local.get("loader") is not None:
         loader.load_state_dict(local["loader"])
     if not no_load_rng:

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from vlmtune.parallel.layout import ParallelConfig
+
 
 class TrainConfigError(ValueError):
     """A training config that cannot run; the message names the key and what is allowed."""
@@ -134,6 +136,7 @@ SECTIONS = {
     "checkpoint": CheckpointConfig,
     "logging": LoggingConfig,
     "eval": EvalConfig,
+    "parallel": ParallelConfig,
 }
 
 
@@ -149,6 +152,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def to_dict(self) -> dict:
         out = {"output_dir": self.output_dir}
@@ -288,6 +292,15 @@ def validate(cfg: TrainConfig, *, check_paths: bool = True) -> None:
         raise TrainConfigError("logging.log_interval: must be >= 1")
     if cfg.eval.interval < 0 or cfg.eval.max_samples < 0:
         raise TrainConfigError("eval.interval and eval.max_samples: must be >= 0")
+    p = cfg.parallel
+    for key in ("llm_pp_layers", "vit_pp_layers"):
+        if not all(isinstance(n, int) and n >= 0 for n in getattr(p, key)):
+            raise TrainConfigError(f"parallel.{key}: expected a list of non-negative integers")
+    if p.pp > 1:
+        raise TrainConfigError(
+            "parallel.pp: pipeline parallelism exists as a library (vlmtune.parallel.pipeline) but is not wired "
+            "into vlmtune train yet; use parallel.tp / parallel.dp_shard / parallel.ep"
+        )
     if t.mixed_precision == "bf16" and cfg.model.dtype == "bfloat16":
         raise TrainConfigError("model.dtype: keep float32 master weights with train.mixed_precision=bf16")
 

@@ -18,14 +18,18 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 from vlmtune.models.qwen3_vl.model import shift_labels
+from vlmtune.parallel.tensor import vocab_parallel_cross_entropy
 
 LOSS_TYPES = ("token_mean", "sample_mean", "microbatch_mean")
 
 
 def _chunk_ce(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if isinstance(weight, DTensor):  # tensor parallel lm_head: vocabulary rows sharded over tp
+        return vocab_parallel_cross_entropy(hidden, weight, target)
     logits = hidden @ weight.t()
     if logits.dtype in (torch.bfloat16, torch.float16):
         logits = logits.float()  # the softmax in fp32, as the reference does

@@ -99,38 +99,52 @@ class StepResult:
 
 
 def clip_and_norm(params: list[torch.Tensor], max_norm: float) -> float:
-    """Global gradient norm over all ranks (FSDP shards are DTensors); clips in place when max_norm > 0."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
+    """Global gradient norm over all ranks; clips in place when max_norm > 0.
+
+    Gradients are DTensors on different meshes once tensor or expert parallelism joins FSDP (dp x tp, dp
+    x ep, dp alone): the norm is taken per (mesh, placements) group, each made whole, then combined."""
+    groups: dict = {}
+    for p in params:
+        g = p.grad
+        if g is not None:
+            key = (g.device_mesh, tuple(g.placements)) if isinstance(g, DTensor) else None
+            groups.setdefault(key, []).append(p)
+    if not groups:
         return 0.0
-    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
-    if isinstance(total, DTensor):
-        total = total.full_tensor()
+    squares = []
+    for group in groups.values():
+        norm = torch.nn.utils.get_total_norm([p.grad for p in group], norm_type=2.0, foreach=True)
+        norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+        squares.append(norm.double() ** 2)
+    total = torch.stack(squares).sum().sqrt()
     if max_norm > 0 and math.isfinite(float(total)):
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
+        for group in groups.values():
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total.float(), foreach=True)
     return float(total)
 
 
 def forward_backward(
-    root: TrainModule, micro_batches: list[dict], device, world_size: int
+    root: TrainModule, micro_batches: list[dict], device, dp_size: int, dp_group=None
 ) -> tuple[float, int, int]:
     """Gradients of the step's loss accumulated in `.grad`; returns (step loss over all ranks, tokens, label tokens).
 
-    The counts the loss divides by are all-reduced before the first backward."""
+    The counts the loss divides by are all-reduced over the data-parallel ranks (`dp_group`; ranks that
+    differ only in tensor parallelism hold the same data) before the first backward."""
     counts = [count_labels(b) for b in micro_batches]
-    norm = step_normalizers(counts)
+    norm = step_normalizers(counts, group=dp_group)
     local = torch.zeros((), dtype=torch.float64)
     tokens = 0
     for batch, c in zip(micro_batches, counts):
         batch = to_device(batch, device)
         share = root(batch, c, norm)
-        # FSDP averages gradients over ranks; our shares are already divided by step totals, so undo it.
-        (share * world_size).backward()
+        # FSDP averages gradients over the data-parallel ranks; our shares are already divided by the step
+        # totals, so undo it.
+        (share * dp_size).backward()
         local += share.detach().double().cpu()
         tokens += int(batch["input_ids"].numel())
     stats = torch.tensor([float(local), tokens], dtype=torch.float64)
     if dist.is_initialized():
-        dist.all_reduce(stats)
+        dist.all_reduce(stats, group=dp_group)
     return float(stats[0]), int(stats[1]), int(norm.tokens)
 
 
@@ -140,13 +154,14 @@ def train_step(
     micro_batches: list[dict],
     *,
     device,
-    world_size: int,
+    dp_size: int,
     clip_grad: float,
     on_nan: str,
     step: int,
+    dp_group=None,
 ) -> StepResult:
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    loss, tokens, label_tokens = forward_backward(root, micro_batches, device, world_size)
+    loss, tokens, label_tokens = forward_backward(root, micro_batches, device, dp_size, dp_group)
     grad_norm = clip_and_norm(params, clip_grad)
     finite = math.isfinite(loss) and math.isfinite(grad_norm)
     if not finite:
@@ -165,7 +180,7 @@ def train_step(
 
 
 @torch.no_grad()
-def eval_loss(root: TrainModule, batches, device) -> tuple[float, int]:
+def eval_loss(root: TrainModule, batches, device, dp_group=None) -> tuple[float, int]:
     """Token-mean loss over `batches` on all ranks (same dummy-vision path as training, so no rank hangs)."""
     total = torch.zeros(2, dtype=torch.float64)
     unit = StepNormalizers(tokens=1.0, samples=1.0, microbatches=1.0)
@@ -179,5 +194,5 @@ def eval_loss(root: TrainModule, batches, device) -> tuple[float, int]:
     finally:
         root.loss_type = loss_type
     if dist.is_initialized():
-        dist.all_reduce(total)
+        dist.all_reduce(total, group=dp_group)
     return float(total[0] / max(total[1], 1.0)), int(total[1])

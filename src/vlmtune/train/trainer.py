@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from vlmtune.models.qwen3_vl import load_config
 from vlmtune.parallel.fsdp import build_sharded_model
 from vlmtune.parallel.mesh import close_distributed, init_distributed
 
@@ -88,7 +89,7 @@ def _build_data(cfg: TrainConfig, rank: int, world: int):
 
 def train(cfg: TrainConfig) -> dict:
     """Run training as configured; returns a summary (final step, loss, paths)."""
-    info = init_distributed(cfg.train.device)
+    info = init_distributed(cfg.train.device, cfg.parallel, load_config(cfg.model.init_from_hf))
     try:
         return _train(cfg, info)
     finally:
@@ -100,14 +101,15 @@ def _train(cfg: TrainConfig, info) -> dict:
     main = rank == 0
     seed_everything(cfg.train.seed)
     os.makedirs(cfg.output_dir, exist_ok=True)
-    processor, loader, val_loader, n_train = _build_data(cfg, rank, world)
-    accum = accumulation_steps(cfg, len(loader), n_train, world)
+    # Ranks that differ only in tensor parallelism read the same data: shard by the data-parallel rank.
+    processor, loader, val_loader, n_train = _build_data(cfg, info.dp_rank, info.dp_size)
+    accum = accumulation_steps(cfg, len(loader), n_train, info.dp_size)
     n_steps = total_steps(cfg, len(loader), accum)
 
     root, model = build_sharded_model(
         cfg.model.init_from_hf,
         lambda m: TrainModule(m, cfg.loss.type, cfg.loss.chunk_size, _aux_coef(cfg, m)),
-        info.mesh,
+        info,
         device,
         dtype=getattr(torch, cfg.model.dtype),
         mixed_precision=cfg.train.mixed_precision,
@@ -133,6 +135,8 @@ def _train(cfg: TrainConfig, info) -> dict:
             loader=loader,
             no_load_optim=c.no_load_optim,
             no_load_rng=c.no_load_rng,
+            dp_rank=info.dp_rank,
+            dp_size=info.dp_size,
         )
         # As in Megatron: the step count, schedule and data position continue; the flags only skip state.
         step, consumed = meta["step"], meta.get("consumed_samples", 0)
@@ -158,7 +162,7 @@ def _train(cfg: TrainConfig, info) -> dict:
         checkpoint.save(
             cfg.output_dir, at, model=model, optimizer=optimizer, loader=loader, meta=meta,
             source_dir=cfg.model.init_from_hf, no_save_optim=c.no_save_optim, no_save_rng=c.no_save_rng,
-            keep_last=c.keep_last,
+            keep_last=c.keep_last, dp_rank=info.dp_rank, dp_size=info.dp_size,
         )  # fmt: skip
 
     batches = iter(loader)
@@ -179,13 +183,14 @@ def _train(cfg: TrainConfig, info) -> dict:
         micro = [next_batch() for _ in range(accum)]
         lr = schedule.set(step)
         result = train_step(
-            root, optimizer, micro, device=device, world_size=world, clip_grad=cfg.optim.clip_grad,
+            root, optimizer, micro, device=device, dp_size=info.dp_size, dp_group=info.dp_group,
+            clip_grad=cfg.optim.clip_grad,
             on_nan=cfg.train.on_nan, step=step + 1,
         )  # fmt: skip
         step += 1
         n_samples = torch.tensor([float(sum(len(b.get("sample_ids", [])) for b in micro))])
         if dist.is_initialized():
-            dist.all_reduce(n_samples)
+            dist.all_reduce(n_samples, group=info.dp_group)
         consumed += int(n_samples.item())
         window_tokens += result.tokens
         if step % cfg.logging.log_interval == 0 or step == n_steps:
@@ -209,7 +214,7 @@ def _train(cfg: TrainConfig, info) -> dict:
             bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
         bar.update(1)
         if val_loader is not None and cfg.eval.interval and step % cfg.eval.interval == 0:
-            _validate(root, val_loader, device, logger, step)
+            _validate(root, val_loader, device, logger, step, info.dp_group)
         sigterm = stop.agreed()
         if (c.save_interval and step % c.save_interval == 0) or sigterm or step == n_steps:
             save(step)
@@ -232,7 +237,7 @@ def _train(cfg: TrainConfig, info) -> dict:
         and step == n_steps
         and not (cfg.eval.interval and step % cfg.eval.interval == 0)
     ):
-        summary["val_loss"] = _validate(root, val_loader, device, logger, step)
+        summary["val_loss"] = _validate(root, val_loader, device, logger, step, info.dp_group)
     if step == n_steps and c.save_hf:
         from .export import export_model
 
@@ -249,9 +254,9 @@ def _train(cfg: TrainConfig, info) -> dict:
     return summary
 
 
-def _validate(root, val_loader, device, logger, step) -> float:
+def _validate(root, val_loader, device, logger, step, dp_group=None) -> float:
     root.eval()
-    loss, tokens = eval_loss(root, list(iter(val_loader)), device)
+    loss, tokens = eval_loss(root, list(iter(val_loader)), device, dp_group)
     root.train()
     logger.log({"step": step, "val_loss": loss, "val_tokens": tokens})
     return loss
