@@ -1,0 +1,161 @@
+"""`vlmtune train` under tensor and expert parallelism, layout changes on resume, and a two-"node" launch.
+
+Every run trains the same data (data parallelism is the same in the runs compared), so the logged losses of
+a parallel run equal the one-process run, and a checkpoint saved under one layout continues under another
+with the losses of the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from vlmtune.train.config import from_dict
+from vlmtune.train.demo import make_dataset
+from vlmtune.train.metrics import read_metrics
+from vlmtune.train.trainer import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 4
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("vqa"))
+    make_dataset(d, n_train=40, n_eval=2, seed=1)
+    return d
+
+
+@pytest.fixture(scope="module")
+def dense_ckpt(tmp_path_factory):
+    """Four attention heads everywhere, so tp=2 and tp=4 both divide them."""
+    from vlmtune.testing import make_tiny_checkpoint
+
+    d = str(tmp_path_factory.mktemp("dense"))
+    make_tiny_checkpoint(
+        d, seed=0, text_hidden=32, text_layers=2, heads=4, kv_heads=4, head_dim=16,
+        vision_hidden=32, vision_depth=2, vision_heads=4, deepstack=(0,),
+    )  # fmt: skip
+    return d
+
+
+@pytest.fixture(scope="module")
+def moe_ckpt(tmp_path_factory):
+    from vlmtune.testing import make_tiny_checkpoint
+
+    d = str(tmp_path_factory.mktemp("moe"))
+    make_tiny_checkpoint(
+        d, seed=0, text_hidden=32, text_layers=2, heads=2, kv_heads=1, head_dim=16, vision_hidden=32,
+        vision_depth=2, deepstack=(0,), moe=dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16),
+    )  # fmt: skip
+    return d
+
+
+def config(out, ckpt, data_dir, **sections) -> dict:
+    raw = {
+        "output_dir": str(out),
+        "model": {"init_from_hf": ckpt},
+        "data": {"dataset": "train.json", "dataset_dir": data_dir, "num_workers": 0,
+                 "image_min_pixels": 4096, "image_max_pixels": 9216},
+        "train": {"train_iters": STEPS, "micro_batch_tokens": 300, "global_batch_tokens": 600, "seed": 3},
+        "optim": {"lr": 1e-3, "warmup_steps": 2},
+        "checkpoint": {"save_interval": 1, "keep_last": 1, "save_hf": False},
+        "logging": {"tensorboard": False, "progress_bar": False},
+    }  # fmt: skip
+    for name, values in sections.items():
+        raw[name] = {**raw.get(name, {}), **values}
+    return raw
+
+
+def write(out, raw) -> str:
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "config.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(raw, f)
+    return path
+
+
+def torchrun(out, raw, nproc: int) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           "-m", "vlmtune.cli", "train", write(out, raw)]  # fmt: skip
+    res = subprocess.run(
+        cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+
+def losses(out) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(str(out)) if "loss" in r}
+
+
+def assert_close(got: dict, want: dict, steps) -> None:
+    for s in steps:
+        assert abs(got[s] - want[s]) <= 1e-5 * abs(want[s]), (s, got, want)
+
+
+@pytest.fixture(scope="module")
+def dense_reference(tmp_path_factory, dense_ckpt, dataset):
+    out = tmp_path_factory.mktemp("dense_ref")
+    train(from_dict(config(out, dense_ckpt, dataset)))
+    return losses(out)
+
+
+@pytest.mark.slow
+def test_tp2_equals_one_process_and_resumes_in_one_process(tmp_path, dense_ckpt, dataset, dense_reference):
+    out = tmp_path / "tp2"
+    torchrun(out, config(out, dense_ckpt, dataset, train={"train_iters": 2}, parallel={"tp": 2}), 2)
+    assert_close(losses(out), dense_reference, [1, 2])
+    # The TP2 checkpoint (DTensor shards over tp) continues in one process: the layout is not baked in.
+    summary = train(from_dict(config(out, dense_ckpt, dataset)))
+    assert summary["steps_run"] == 2
+    assert_close(losses(out), dense_reference, [3, 4])
+
+
+@pytest.mark.slow
+def test_two_nodes_on_loopback_match_one_process(tmp_path, dense_ckpt, dataset, dense_reference):
+    """Two torchrun 'nodes' of two processes each, started by examples/launch.sh (tp=4, one data shard)."""
+    out = tmp_path / "two_nodes"
+    path = write(out, config(out, dense_ckpt, dataset, train={"train_iters": 3}, parallel={"tp": 4}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NNODES": "2", "NPUS_PER_NODE": "2",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}  # fmt: skip
+    nodes = [
+        subprocess.Popen(["bash", os.path.join(ROOT, "examples", "launch.sh"), path],
+                         env={**env, "NODE_RANK": str(n)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for n in range(2)
+    ]  # fmt: skip
+    logs = [p.communicate(timeout=600)[0] for p in nodes]
+    assert all(p.returncode == 0 for p in nodes), "\n".join(log[-3000:] for log in logs)
+    assert_close(losses(out), dense_reference, [1, 2, 3])
+
+
+@pytest.mark.slow
+def test_fsdp2_checkpoint_resumes_under_ep2(tmp_path, moe_ckpt, dataset):
+    ref = tmp_path / "fsdp_ref"
+    torchrun(ref, config(ref, moe_ckpt, dataset), 2)
+    reference = losses(ref)
+    ep = tmp_path / "ep2"
+    torchrun(ep, config(ep, moe_ckpt, dataset, train={"train_iters": 2}, parallel={"ep": 2}), 2)
+    assert_close(losses(ep), reference, [1, 2])
+    switched = tmp_path / "fsdp_then_ep"
+    torchrun(switched, config(switched, moe_ckpt, dataset, train={"train_iters": 2}), 2)
+    torchrun(switched, config(switched, moe_ckpt, dataset, parallel={"ep": 2}), 2)
+    assert_close(losses(switched), reference, [1, 2, 3, 4])
+
+
+def test_pipeline_parallel_is_refused_with_a_clear_error(dense_ckpt, dataset, tmp_path):
+    from vlmtune.train.config import TrainConfigError
+
+    with pytest.raises(TrainConfigError, match="parallel.pp: pipeline parallelism .* not wired"):
+        from_dict(config(tmp_path, dense_ckpt, dataset, parallel={"pp": 2, "llm_pp_layers": [1, 1]}))
