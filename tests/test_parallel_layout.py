@@ -55,3 +55,14 @@ def mesh_facts(rank, world):
 def test_mesh_dimensions():
     for facts in run_ranks(mesh_facts, 4):
         assert facts == {"pp": 1, "dp_shard": 2, "ep": 2, "tp": 2, "dp": 2, "dp_shard_mod_ep": 1}
+
+
+def hsdp_facts(rank, world):
+    mesh = build_mesh(resolve(ParallelConfig(dp_replicate=2), world, DENSE), "cpu")
+    hsdp = mesh["dp_replicate", "dp_shard"]
+    return hsdp.mesh.tolist(), mesh["dp"].size()
+
+
+def test_hsdp_mesh():
+    for ranks, dp in run_ranks(hsdp_facts, 4):
+        assert ranks == [[0, 1], [2, 3]] and dp == 4

@@ -159,3 +159,14 @@ def test_pipeline_parallel_is_refused_with_a_clear_error(dense_ckpt, dataset, tm
 
     with pytest.raises(TrainConfigError, match="parallel.pp: pipeline parallelism .* not wired"):
         from_dict(config(tmp_path, dense_ckpt, dataset, parallel={"pp": 2, "llm_pp_layers": [1, 1]}))
+
+
+@pytest.mark.slow
+def test_hsdp_equals_fsdp(tmp_path, dense_ckpt, dataset):
+    """dp_replicate=2 x dp_shard=1 (HSDP) and dp_shard=2 (FSDP) train the same two data shards."""
+    fsdp, hsdp = tmp_path / "fsdp", tmp_path / "hsdp"
+    torchrun(fsdp, config(fsdp, dense_ckpt, dataset, train={"train_iters": 2}), 2)
+    torchrun(
+        hsdp, config(hsdp, dense_ckpt, dataset, train={"train_iters": 2}, parallel={"dp_replicate": 2}), 2
+    )
+    assert_close(losses(hsdp), losses(fsdp), [1, 2])

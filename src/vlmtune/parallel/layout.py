@@ -105,13 +105,36 @@ def even_split(n: int, parts: int) -> list[int]:
     return [base + (1 if i >= parts - extra else 0) for i in range(parts)]
 
 
-def build_mesh(cfg: ParallelConfig, device_type: str):
+class LayoutMesh:
+    """The root DeviceMesh plus its flattened dimensions, by name: `mesh["tp"]`, `mesh["dp"]`, ... and the
+    2-D `mesh["dp_replicate", "dp_shard"]` for HSDP. (PyTorch asks callers to keep flattened meshes rather
+    than slice them from the root again.)"""
+
+    def __init__(self, root, flat: dict):
+        self.root, self.flat = root, flat
+
+    def __getitem__(self, name):
+        if isinstance(name, str) and name in self.flat:
+            return self.flat[name]
+        if name == ("dp_replicate", "dp_shard"):
+            return self.flat["hsdp"]
+        return self.root[name]
+
+
+def build_mesh(cfg: ParallelConfig, device_type: str) -> LayoutMesh:
     """The DeviceMesh of a resolved config (see the module docstring for the dimension names)."""
     from torch.distributed.device_mesh import init_device_mesh
 
     names = ("pp", "dp_replicate", "dp_shard_mod_ep", "ep", "tp")
     shape = (cfg.pp, cfg.dp_replicate, cfg.dp_shard // cfg.ep, cfg.ep, cfg.tp)
-    mesh = init_device_mesh(device_type, shape, mesh_dim_names=names)
-    mesh["dp_shard_mod_ep", "ep"]._flatten("dp_shard")
-    mesh["dp_replicate", "dp_shard_mod_ep", "ep"]._flatten("dp")
-    return mesh
+    root = init_device_mesh(device_type, shape, mesh_dim_names=names)
+    flat = {
+        "dp_shard": root["dp_shard_mod_ep", "ep"]._flatten("dp_shard"),
+        "dp": root["dp_replicate", "dp_shard_mod_ep", "ep"]._flatten("dp"),
+    }
+    if cfg.dp_replicate > 1:
+        # HSDP: replicate over dp_replicate, shard over dp_shard (the ep ranks included).
+        flat["hsdp"] = flat["dp"]._unflatten(
+            0, (cfg.dp_replicate, cfg.dp_shard), ("dp_replicate", "dp_shard")
+        )
+    return LayoutMesh(root, flat)

@@ -42,7 +42,11 @@ class DistInfo:
     @property
     def expert_fsdp_mesh(self):
         p = self.parallel
-        return self.mesh["dp_replicate", "dp_shard_mod_ep"] if p.dp_replicate > 1 else self.mesh["dp_shard_mod_ep"]
+        return (
+            self.mesh["dp_replicate", "dp_shard_mod_ep"]
+            if p.dp_replicate > 1
+            else self.mesh["dp_shard_mod_ep"]
+        )
 
 
 def init_distributed(device: str = "auto", parallel: ParallelConfig | None = None, args=None) -> DistInfo:
@@ -67,7 +71,9 @@ def init_distributed(device: str = "auto", parallel: ParallelConfig | None = Non
         else:
             dist.init_process_group(backend, rank=rank, world_size=world)
     mesh = build_mesh(layout, dev.type)
-    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev, mesh=mesh, parallel=layout)
+    return DistInfo(
+        rank=rank, world_size=world, local_rank=local_rank, device=dev, mesh=mesh, parallel=layout
+    )
 
 
 def close_distributed() -> None:
