@@ -110,9 +110,7 @@ def test_two_ranks_equal_one_process(small_ckpt, tmp_path):
     losses = []
     for step in range(STEPS):
         micro = [b for rank in step_batches(step) for b in rank]
-        r = train_step(
-            root, optimizer, micro, device=cpu, dp_size=1, clip_grad=0.5, on_nan="stop", step=step
-        )
+        r = train_step(root, optimizer, micro, device=cpu, dp_size=1, clip_grad=0.5, on_nan="stop", step=step)
         losses.append(r.loss)
     assert losses[0] != losses[-1]  # the optimizer really moved the weights
     assert fsdp["losses"] == pytest.approx(losses, rel=1e-9)

@@ -154,11 +154,31 @@ def test_fsdp2_checkpoint_resumes_under_ep2(tmp_path, moe_ckpt, dataset):
     assert_close(losses(switched), reference, [1, 2, 3, 4])
 
 
-def test_pipeline_parallel_is_refused_with_a_clear_error(dense_ckpt, dataset, tmp_path):
-    from vlmtune.train.config import TrainConfigError
+@pytest.mark.slow
+def test_pp2_equals_one_process_and_resumes_in_one_process(tmp_path, dense_ckpt, dataset, dense_reference):
+    """Two pipeline stages (1F1B, the vision tower and layer 0 on the first), then the PP2 checkpoint (each
+    stage saved its own tensors) continues in one process; the HF export is streamed from the checkpoint."""
+    out = tmp_path / "pp2"
+    pp = {"pp": 2, "llm_pp_layers": [1, 1]}
+    raw = config(
+        out, dense_ckpt, dataset, train={"train_iters": 2}, parallel=pp, checkpoint={"save_hf": True}
+    )
+    torchrun(out, raw, 2)
+    assert_close(losses(out), dense_reference, [1, 2])
+    assert (out / "hf" / "model.safetensors.index.json").exists()
+    summary = train(from_dict(config(out, dense_ckpt, dataset)))
+    assert summary["steps_run"] == 2
+    assert_close(losses(out), dense_reference, [3, 4])
 
-    with pytest.raises(TrainConfigError, match="parallel.pp: pipeline parallelism .* not wired"):
-        from_dict(config(tmp_path, dense_ckpt, dataset, parallel={"pp": 2, "llm_pp_layers": [1, 1]}))
+
+def test_pipeline_limits_are_clear_errors(tmp_path, dense_ckpt, dataset):
+    from vlmtune.parallel.tensor import ParallelConfigError
+
+    with pytest.raises(ParallelConfigError, match="needs parallel.llm_pp_layers, e.g. \\[1, 1\\]"):
+        from vlmtune.models.qwen3_vl import load_config
+        from vlmtune.parallel.layout import ParallelConfig, resolve
+
+        resolve(ParallelConfig(pp=2), 2, load_config(dense_ckpt))
 
 
 @pytest.mark.slow

@@ -55,9 +55,7 @@ def test_frozen_group_unchanged_and_without_optimizer_state(group):
     optimizer = build_optimizer(model, cfg)
     root = TrainModule(model, chunk_size=8)
     for step in range(2):
-        train_step(
-            root, optimizer, batches(), device=CPU, dp_size=1, clip_grad=1.0, on_nan="stop", step=step
-        )
+        train_step(root, optimizer, batches(), device=CPU, dp_size=1, clip_grad=1.0, on_nan="stop", step=step)
     frozen = set(freeze_groups(model)[group])
     with_state = {id(p) for p in optimizer.state}
     for name, p in model.named_parameters():

@@ -18,7 +18,8 @@ from vlmtune.models.qwen3_vl.hf_io import load_weights
 
 def blocks(model: Qwen3VL) -> list[nn.Module]:
     """The repeated blocks: vision blocks, then decoder layers (FSDP units and checkpointing targets)."""
-    return [*model.visual.blocks.values(), *model.language_model.layers.values()]
+    vision = model.visual.blocks.values() if model.visual is not None else []  # None on later pipeline stages
+    return [*vision, *model.language_model.layers.values()]
 
 
 def apply_activation_checkpointing(model: Qwen3VL, mode: str) -> None:

@@ -29,7 +29,7 @@ class ParallelConfig:
     dp_replicate: int = _f(1, "HSDP replicas (each holds a full FSDP-sharded copy)")
     dp_shard: int = _f(-1, "FSDP2 shards (-1: the rest of the world)")
     tp: int = _f(1, "tensor parallel size (attention heads, intermediate units, vocabulary)")
-    pp: int = _f(1, "pipeline parallel size (not yet wired into vlmtune train)")
+    pp: int = _f(1, "pipeline parallel size (stages cut by llm_pp_layers)")
     ep: int = _f(1, "expert parallel size (MoE); divides dp_shard and the number of experts")
     llm_pp_layers: list = _f([], "decoder layers per pipeline stage, e.g. [6, 10, 10, 10]")
     vit_pp_layers: list = _f([], "vision blocks per stage; all on the first stage, e.g. [27, 0, 0, 0]")

@@ -82,6 +82,9 @@ class PipelineStageModule(nn.Module):
         self.model = model
         self.media: list[dict] = []  # first stage: per micro-batch pixel/grid tensors, set before each step
         self.chunk_size = 4096
+        # Under FSDP every data-parallel rank must gather the same vision units: a micro-batch without media
+        # runs the tower on a dummy grid and adds 0 x its output (see train/step.py TrainModule).
+        self.dummy_vision = False
 
     def forward(self, *inputs: torch.Tensor):
         model, a = self.model, self.model.args
@@ -90,6 +93,8 @@ class PipelineStageModule(nn.Module):
             input_ids, position_ids, seq_ids, labels, mb_index = inputs
             media = self.media[int(mb_index.view(-1)[0])] if self.media else {}
             h, visual_index, ds = model.embed(input_ids, **media)
+            if not media and self.dummy_vision and model.visual is not None:
+                h = h + 0.0 * dummy_vision_pass(model.visual, h.device).to(h.dtype)
             if ds is not None:
                 d = h.shape[-1]
                 dense = h.new_zeros(len(ds), h.shape[1], d)
@@ -115,7 +120,17 @@ class PipelineStageModule(nn.Module):
             out = (h, position_ids, seq_ids, labels)
             return (*out, deepstack) if self.carry_deepstack else out
         h = model.language_model.norm(h)
-        return token_losses(h[0], model.lm_head.weight, labels[0], self.chunk_size).unsqueeze(0)
+        # A fresh tensor, not a view: FSDP hooks the stage output for its backward.
+        return token_losses(h[0], model.lm_head.weight, labels[0], self.chunk_size).unsqueeze(0).clone()
+
+
+def dummy_vision_pass(visual, device) -> torch.Tensor:
+    """Sum of the vision tower's (and every DeepStack merger's) output on a 1 x merge x merge dummy grid."""
+    merge = visual.args.spatial_merge_size
+    dtype = visual.patch_embed.proj.weight.dtype
+    patches = torch.zeros(merge * merge, visual.args.patch_dim, device=device, dtype=dtype)
+    feats, deepstack = visual(patches, torch.tensor([[1, merge, merge]], device=device))
+    return feats.float().sum() + sum(d.float().sum() for d in deepstack)
 
 
 def token_losses(
@@ -222,6 +237,77 @@ def _stage_io(length: int, d: int, n_ds: int, dtype, device, *, first: bool, car
     if carry:
         out = (*out, torch.empty(n_ds, 1, length, d, dtype=dtype, device=device, requires_grad=True))
     return out
+
+
+def build_sharded_pipeline(
+    path: str,
+    info,
+    *,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    n_microbatches: int,
+    length: int,
+    dtype: torch.dtype = torch.float32,
+    mixed_precision: str = "fp32",
+    activation_checkpointing: str = "none",
+    prepare=None,
+    chunk_size: int = 4096,
+):
+    """This rank's pipeline stage for training: meta build -> `prepare` (freezing) -> prune to the stage ->
+    expert parallelism -> activation checkpointing -> FSDP over the data-parallel ranks -> allocation and
+    loading of the stage's own tensors. Returns (schedule, stage modules)."""
+    from torch.distributed.tensor.experimental import implicit_replication
+
+    from vlmtune.models.qwen3_vl import load_config
+    from vlmtune.models.qwen3_vl.hf_io import load_weights
+    from vlmtune.parallel.expert import apply_expert_parallel
+    from vlmtune.parallel.fsdp import apply_activation_checkpointing, apply_fsdp
+
+    p = info.parallel
+    args = load_config(path)
+    compute = torch.bfloat16 if mixed_precision == "bf16" else dtype
+    reduce = torch.float32 if mixed_precision == "bf16" else dtype
+
+    def factory() -> Qwen3VL:
+        with torch.device("meta"):
+            model = Qwen3VL(args).to(dtype)
+        if prepare is not None:
+            prepare(model)
+        return model
+
+    def wrap(stage: PipelineStageModule) -> nn.Module:
+        model = stage.model
+        if p.ep > 1:
+            apply_expert_parallel(model, info.mesh["ep"])
+        apply_activation_checkpointing(model, activation_checkpointing)
+        apply_fsdp(
+            stage,
+            model,
+            info.fsdp_mesh,
+            param_dtype=compute,
+            reduce_dtype=reduce,
+            expert_mesh=info.expert_fsdp_mesh if p.ep > 1 else None,
+            expert_divide_factor=float(info.dp_size) if p.ep > 1 else None,
+        )
+        stage.to_empty(device=info.device)
+        with implicit_replication():
+            load_weights(model, path, partial=True)
+        model.source_dir = path
+        stage.dummy_vision, stage.chunk_size = True, chunk_size
+        return stage
+
+    return build_pipeline(
+        factory,
+        info.mesh["pp"],
+        llm_pp_layers=p.llm_pp_layers,
+        vit_pp_layers=p.vit_pp_layers or None,
+        n_microbatches=n_microbatches,
+        loss_fn=loss_fn,
+        schedule=p.pp_schedule,
+        length=length,
+        device=info.device,
+        dtype=compute,
+        wrap=wrap,
+    )
 
 
 def stack_microbatches(batches: list[dict], length: int, pad_id: int = 0) -> tuple[tuple, list[dict]]:

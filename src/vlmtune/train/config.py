@@ -296,11 +296,6 @@ def validate(cfg: TrainConfig, *, check_paths: bool = True) -> None:
     for key in ("llm_pp_layers", "vit_pp_layers"):
         if not all(isinstance(n, int) and n >= 0 for n in getattr(p, key)):
             raise TrainConfigError(f"parallel.{key}: expected a list of non-negative integers")
-    if p.pp > 1:
-        raise TrainConfigError(
-            "parallel.pp: pipeline parallelism exists as a library (vlmtune.parallel.pipeline) but is not wired "
-            "into vlmtune train yet; use parallel.tp / parallel.dp_shard / parallel.ep"
-        )
     if t.mixed_precision == "bf16" and cfg.model.dtype == "bfloat16":
         raise TrainConfigError("model.dtype: keep float32 master weights with train.mixed_precision=bf16")
 

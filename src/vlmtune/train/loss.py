@@ -94,6 +94,24 @@ def step_normalizers(counts: list[MicroBatchCounts], group=None) -> StepNormaliz
     return StepNormalizers(tokens=float(t[0]), samples=float(t[1]), microbatches=float(t[2]))
 
 
+def token_weights(
+    batch: dict, counts: MicroBatchCounts, norm: StepNormalizers, loss_type: str
+) -> torch.Tensor:
+    """Weight of each position's token loss `[L]` (0 where the shifted label is -100): the micro-batch's
+    share of the step loss is `sum_t w_t * l_t` in every mode (the pipeline schedule uses these directly)."""
+    target = shift_labels(batch["labels"], batch.get("cu_seqlens"))[0]
+    valid = (target != -100).to(torch.float64)
+    if loss_type == "token_mean":
+        return valid / max(norm.tokens, 1.0)
+    if loss_type == "microbatch_mean":
+        return valid / max(counts.tokens, 1) / norm.microbatches
+    if loss_type == "sample_mean":
+        seg = sample_index(target.shape[0], batch.get("cu_seqlens"), target.device)
+        per_sample = torch.zeros(int(seg.max()) + 1, dtype=torch.float64).index_add(0, seg.cpu(), valid.cpu())
+        return valid / per_sample.clamp(min=1)[seg.cpu()].to(valid.device) / max(norm.samples, 1.0)
+    raise ValueError(f"loss.type must be one of {LOSS_TYPES}, got {loss_type!r}")
+
+
 def microbatch_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -106,22 +124,9 @@ def microbatch_loss(
     """This micro-batch's share of the step loss (summing the shares over the step gives the step loss)."""
     target = shift_labels(batch["labels"], batch.get("cu_seqlens"))[0].to(hidden.device)
     valid = target != -100
-    h = hidden[0][valid]
-    losses = chunked_token_losses(h, weight, target[valid], chunk_size)
-    if loss_type == "token_mean":
-        return losses.sum() / max(norm.tokens, 1.0)
-    if loss_type == "microbatch_mean":
-        return losses.sum() / max(counts.tokens, 1) / norm.microbatches
-    if loss_type == "sample_mean":
-        seg = sample_index(target.shape[0], batch.get("cu_seqlens"), hidden.device)[valid]
-        n_seg = int(seg.max()) + 1 if seg.numel() else 1
-        per_sample = torch.zeros(n_seg, dtype=losses.dtype, device=losses.device).index_add(0, seg, losses)
-        tokens = torch.zeros(n_seg, dtype=losses.dtype, device=losses.device).index_add(
-            0, seg, torch.ones_like(losses)
-        )
-        has = tokens > 0
-        return (per_sample[has] / tokens[has]).sum() / max(norm.samples, 1.0)
-    raise ValueError(f"loss.type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    losses = chunked_token_losses(hidden[0][valid], weight, target[valid], chunk_size)
+    w = token_weights(batch, counts, norm, loss_type).to(hidden.device)[valid]
+    return (losses * w.to(losses.dtype)).sum()
 
 
 def aux_loss_weight(counts: MicroBatchCounts, norm: StepNormalizers, loss_type: str) -> float:

@@ -46,7 +46,8 @@ def flops_per_token(model) -> float:
     """Matmul FLOPs per input token: forward 2N, backward 2N (activation grads) + 2N_trainable (weight
     grads), over non-embedding parameters (the embedding is a lookup; the chunked loss applies lm_head to
     label tokens only). Attention scores are ignored: an estimate."""
-    skip = {id(model.language_model.embed_tokens.weight), id(model.lm_head.weight)}
+    heads = (model.language_model.embed_tokens, model.lm_head)  # None on a pipeline stage without them
+    skip = {id(m.weight) for m in heads if m is not None}
     params = [p for p in model.parameters() if id(p) not in skip]
     n = sum(p.numel() for p in params)
     n_trainable = sum(p.numel() for p in params if p.requires_grad)

@@ -11,6 +11,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from vlmtune.models.qwen3_vl import Qwen3VL
+from vlmtune.parallel.pipeline import dummy_vision_pass
 
 from .loss import (
     MicroBatchCounts,
@@ -66,14 +67,7 @@ class TrainModule(nn.Module):
         return loss
 
     def _dummy_vision(self, device) -> torch.Tensor:
-        v = self.model.visual
-        merge = v.args.spatial_merge_size
-        patches = torch.zeros(
-            merge * merge, v.args.patch_dim, device=device, dtype=v.patch_embed.proj.weight.dtype
-        )
-        grid = torch.tensor([[1, merge, merge]], device=device)
-        feats, deepstack = v(patches, grid)
-        return feats.float().sum() + sum(d.float().sum() for d in deepstack)
+        return dummy_vision_pass(self.model.visual, device)
 
 
 def _embeddings_need_grad(module, args, out):
@@ -98,7 +92,7 @@ class StepResult:
     skipped: bool
 
 
-def clip_and_norm(params: list[torch.Tensor], max_norm: float) -> float:
+def clip_and_norm(params: list[torch.Tensor], max_norm: float, pp_group=None) -> float:
     """Global gradient norm over all ranks; clips in place when max_norm > 0.
 
     Gradients are DTensors on different meshes once tensor or expert parallelism joins FSDP (dp x tp, dp
@@ -109,14 +103,15 @@ def clip_and_norm(params: list[torch.Tensor], max_norm: float) -> float:
         if g is not None:
             key = (g.device_mesh, tuple(g.placements)) if isinstance(g, DTensor) else None
             groups.setdefault(key, []).append(p)
-    if not groups:
-        return 0.0
-    squares = []
+    squares = [torch.zeros((), dtype=torch.float64)]
     for group in groups.values():
         norm = torch.nn.utils.get_total_norm([p.grad for p in group], norm_type=2.0, foreach=True)
         norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
         squares.append(norm.double() ** 2)
-    total = torch.stack(squares).sum().sqrt()
+    total = torch.stack(squares).sum()
+    if pp_group is not None:  # pipeline stages hold different parameters: add their squares
+        dist.all_reduce(total, group=pp_group)
+    total = total.sqrt()
     if max_norm > 0 and math.isfinite(float(total)):
         for group in groups.values():
             torch.nn.utils.clip_grads_with_norm_(group, max_norm, total.float(), foreach=True)
@@ -162,7 +157,67 @@ def train_step(
 ) -> StepResult:
     params = [p for g in optimizer.param_groups for p in g["params"]]
     loss, tokens, label_tokens = forward_backward(root, micro_batches, device, dp_size, dp_group)
-    grad_norm = clip_and_norm(params, clip_grad)
+    return _finish_step(optimizer, params, micro_batches, loss, tokens, label_tokens, clip_grad, on_nan, step)
+
+
+def pipeline_train_step(
+    schedule,
+    stages: list,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: list[dict],
+    *,
+    length: int,
+    loss_type: str,
+    dp_size: int,
+    dp_group,
+    pp_group,
+    clip_grad: float,
+    on_nan: str,
+    step: int,
+) -> StepResult:
+    """One optimizer step through the pipeline schedule: the micro-batches of the step are the schedule's
+    micro-batches, padded to `length`; each position's loss weight (`token_weights`) is the schedule's
+    target, so every loss mode is exact; the schedule's loss function undoes FSDP's average (x dp_size)."""
+    import torch.nn.functional as F
+
+    from vlmtune.parallel.pipeline import stack_microbatches
+
+    from .loss import token_weights
+
+    counts = [count_labels(b) for b in micro_batches]
+    norm = step_normalizers(counts, group=dp_group)
+    weights = torch.stack(
+        [
+            F.pad(token_weights(b, c, norm, loss_type), (0, length - b["input_ids"].shape[1]))
+            for b, c in zip(micro_batches, counts)
+        ]
+    ).float()
+    args, media = stack_microbatches(micro_batches, length)
+    device = next(stages[0].parameters()).device
+    args = tuple(a.to(device) for a in args)
+    for stage in stages:
+        stage.media = [{k: v.to(device) for k, v in m.items()} for m in media]
+    losses: list = []
+    schedule.step(*args, target=weights.to(device), losses=losses)
+    local = sum(float(x.detach()) for x in losses) / dp_size  # only the last stage has losses
+    tokens = sum(int(b["input_ids"].numel()) for b in micro_batches)
+    stats = torch.tensor([local, 0.0], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(stats)  # losses: one last-stage rank per data shard
+        t = torch.tensor([float(tokens)], dtype=torch.float64)
+        dist.all_reduce(t, group=dp_group)
+        tokens = int(t.item())
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    loss = float(stats[0])
+    return _finish_step(
+        optimizer, params, micro_batches, loss, tokens, int(norm.tokens), clip_grad, on_nan, step, pp_group
+    )
+
+
+def _finish_step(
+    optimizer, params, micro_batches, loss, tokens, label_tokens, clip_grad, on_nan, step, pp_group=None
+) -> StepResult:
+    grad_norm = clip_and_norm(params, clip_grad, pp_group)
     finite = math.isfinite(loss) and math.isfinite(grad_norm)
     if not finite:
         ids = [i for b in micro_batches for i in b.get("sample_ids", [])]

@@ -16,13 +16,14 @@ from tqdm import tqdm
 from vlmtune.models.qwen3_vl import load_config
 from vlmtune.parallel.fsdp import build_sharded_model
 from vlmtune.parallel.mesh import close_distributed, init_distributed
+from vlmtune.parallel.pipeline import build_sharded_pipeline
 
 from . import checkpoint
-from .config import TrainConfig
+from .config import TrainConfig, TrainConfigError
 from .freeze import apply_freeze
 from .metrics import MetricsLogger, flops_per_token, peak_memory_gb, peak_tflops, plot
 from .optim import Schedule, build_optimizer
-from .step import TrainModule, eval_loss, train_step
+from .step import TrainModule, eval_loss, pipeline_train_step, train_step
 
 
 def seed_everything(seed: int) -> None:
@@ -106,16 +107,34 @@ def _train(cfg: TrainConfig, info) -> dict:
     accum = accumulation_steps(cfg, len(loader), n_train, info.dp_size)
     n_steps = total_steps(cfg, len(loader), accum)
 
-    root, model = build_sharded_model(
-        cfg.model.init_from_hf,
-        lambda m: TrainModule(m, cfg.loss.type, cfg.loss.chunk_size, _aux_coef(cfg, m)),
-        info,
-        device,
+    build = dict(
         dtype=getattr(torch, cfg.model.dtype),
         mixed_precision=cfg.train.mixed_precision,
         activation_checkpointing=cfg.model.activation_checkpointing,
         prepare=lambda m: apply_freeze(m, cfg.freeze),
     )
+    pp = info.parallel.pp > 1
+    if pp:
+        _check_pipeline(cfg, load_config(cfg.model.init_from_hf), val_loader, accum)
+        dp = info.dp_size
+        pipe, stages = build_sharded_pipeline(
+            cfg.model.init_from_hf,
+            info,
+            loss_fn=lambda out, weights: (out.float() * weights).sum() * dp,  # undo FSDP's dp average
+            n_microbatches=accum,
+            length=cfg.train.micro_batch_tokens,
+            chunk_size=cfg.loss.chunk_size,
+            **build,
+        )
+        root, model = stages[0], stages[0].model
+    else:
+        root, model = build_sharded_model(
+            cfg.model.init_from_hf,
+            lambda m: TrainModule(m, cfg.loss.type, cfg.loss.chunk_size, _aux_coef(cfg, m)),
+            info,
+            device,
+            **build,
+        )
     root.train()
     optimizer = build_optimizer(model, cfg)
     schedule = Schedule(optimizer, n_steps, cfg)
@@ -148,12 +167,23 @@ def _train(cfg: TrainConfig, info) -> dict:
     logger = MetricsLogger(cfg.output_dir, cfg, rank=rank, resume_step=step)
     peak = peak_tflops(device, cfg.logging.peak_tflops) * 1e12
     fpt = flops_per_token(model)
+    if pp:  # each stage holds part of the model
+        t = torch.tensor([fpt], dtype=torch.float64)
+        dist.all_reduce(t, group=info.mesh["pp"].get_group())
+        fpt = float(t.item())
     stop = _Stop()
     previous = signal.signal(signal.SIGTERM, stop) if c.save_on_sigterm else None
     if main:
         print(
             f"training: {n_steps} steps, {accum} micro-batch(es) of <= {cfg.train.micro_batch_tokens} tokens "
             f"per rank per step, {world} rank(s), {n_trainable:,}/{n_params:,} parameters trainable",
+            flush=True,
+        )
+        lp = info.parallel
+        print(
+            f"layout: pp {lp.pp} x dp_replicate {lp.dp_replicate} x dp_shard {lp.dp_shard} x tp {lp.tp} "
+            f"(ep {lp.ep}); this rank's stage holds {len(model.language_model.layers)} decoder layer(s)"
+            + (" and the vision tower" if model.visual is not None else ""),
             flush=True,
         )
 
@@ -182,11 +212,17 @@ def _train(cfg: TrainConfig, info) -> dict:
     while step < n_steps:
         micro = [next_batch() for _ in range(accum)]
         lr = schedule.set(step)
-        result = train_step(
-            root, optimizer, micro, device=device, dp_size=info.dp_size, dp_group=info.dp_group,
-            clip_grad=cfg.optim.clip_grad,
-            on_nan=cfg.train.on_nan, step=step + 1,
-        )  # fmt: skip
+        if pp:
+            result = pipeline_train_step(
+                pipe, stages, optimizer, micro, length=cfg.train.micro_batch_tokens, loss_type=cfg.loss.type,
+                dp_size=info.dp_size, dp_group=info.dp_group, pp_group=info.mesh["pp"].get_group(),
+                clip_grad=cfg.optim.clip_grad, on_nan=cfg.train.on_nan, step=step + 1,
+            )  # fmt: skip
+        else:
+            result = train_step(
+                root, optimizer, micro, device=device, dp_size=info.dp_size, dp_group=info.dp_group,
+                clip_grad=cfg.optim.clip_grad, on_nan=cfg.train.on_nan, step=step + 1,
+            )  # fmt: skip
         step += 1
         n_samples = torch.tensor([float(sum(len(b.get("sample_ids", [])) for b in micro))])
         if dist.is_initialized():
@@ -239,10 +275,18 @@ def _train(cfg: TrainConfig, info) -> dict:
     ):
         summary["val_loss"] = _validate(root, val_loader, device, logger, step, info.dp_group)
     if step == n_steps and c.save_hf:
-        from .export import export_model
+        hf_dir = os.path.join(cfg.output_dir, "hf")
+        if pp:  # no rank holds the whole model: stream the checkpoint just saved
+            from .convert import native_to_hf
 
-        export_model(model, os.path.join(cfg.output_dir, "hf"), source_dir=cfg.model.init_from_hf)
-        summary["hf"] = os.path.join(cfg.output_dir, "hf")
+            if main:
+                native_to_hf(checkpoint.latest(cfg.output_dir), hf_dir)
+            dist.barrier()
+        else:
+            from .export import export_model
+
+            export_model(model, hf_dir, source_dir=cfg.model.init_from_hf)
+        summary["hf"] = hf_dir
     logger.close()
     if main and os.path.exists(os.path.join(cfg.output_dir, "metrics.jsonl")):
         try:
@@ -252,6 +296,38 @@ def _train(cfg: TrainConfig, info) -> dict:
     if previous is not None:
         signal.signal(signal.SIGTERM, previous)
     return summary
+
+
+def _check_pipeline(cfg: TrainConfig, args, val_loader, accum: int) -> None:
+    """What `parallel.pp > 1` does not support yet, said before anything runs."""
+    p = cfg.parallel
+    problems = []
+    if p.pp_schedule != "1f1b":
+        problems.append("parallel.pp_schedule: the trainer runs 1f1b (one stage per rank) for now")
+    if p.tp > 1:
+        problems.append("parallel.tp with parallel.pp: not combined yet; use pp with dp_shard / ep")
+    if args.tie_word_embeddings:
+        problems.append("tied embeddings (Qwen3-VL 2B/4B) span the first and last stage: not supported yet")
+    if args.is_moe:
+        problems.append("MoE router aux loss across stages: not supported yet (use ep / dp_shard)")
+    if p.pp_microbatches and p.pp_microbatches != accum:
+        problems.append(
+            f"parallel.pp_microbatches={p.pp_microbatches}: the pipeline's micro-batches are the step's {accum} "
+            "gradient-accumulation micro-batches (set it to 0, or change train.global_batch_tokens)"
+        )
+    if accum < p.pp:
+        problems.append(
+            f"{accum} micro-batch(es) per step cannot fill {p.pp} stages: raise train.global_batch_tokens to at "
+            f"least {p.pp} x train.micro_batch_tokens per data-parallel rank"
+        )
+    if val_loader is not None:
+        problems.append(
+            "validation (eval.interval / data.val_*) under pipeline parallelism: not supported yet"
+        )
+    if cfg.loss.aux_loss_coef:
+        problems.append("loss.aux_loss_coef under pipeline parallelism: not supported yet")
+    if problems:
+        raise TrainConfigError("parallel.pp > 1: " + "; ".join(problems))
 
 
 def _validate(root, val_loader, device, logger, step, dp_group=None) -> float:

@@ -134,8 +134,10 @@ def load_pretrained(path, dtype: torch.dtype | str | None = None, device=None):
 
 
 @torch.no_grad()
-def load_weights(model, path: str, names: set[str] | None = None) -> None:
-    """Copy checkpoint tensors into `model`'s (already allocated) parameters; `names` limits which ones."""
+def load_weights(model, path: str, names: set[str] | None = None, *, partial: bool = False) -> None:
+    """Copy checkpoint tensors into `model`'s (already allocated) parameters; `names` limits which ones.
+
+    `partial=True` is for a pruned model (a pipeline stage): tensors of modules it does not hold are skipped."""
     args = model.args
     params = dict(model.named_parameters(remove_duplicate=False))
     wanted = set(params) if names is None else set(names)
@@ -152,7 +154,8 @@ def load_weights(model, path: str, names: set[str] | None = None) -> None:
             continue
         for native, value in tensors_from_hf(name, tensor, args, ctx):
             if native not in params:
-                unexpected.append(hf_name)
+                if not partial:
+                    unexpected.append(hf_name)
                 continue
             if native not in wanted:
                 continue
