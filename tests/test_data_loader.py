@@ -168,8 +168,40 @@ def test_sampler_resume_mid_epoch_with_workers(proc, text_dataset):
     resumed.set_epoch(0)
     assert _ids(list(resumed)) == epoch0
     other = build_loader(cfg, proc, samples=train, dp_rank=0, dp_size=2, seed=3, max_tokens=400)
-    with pytest.raises(ValueError, match="dp_size"):
+    with pytest.raises(ValueError, match="step_group=1, this run has 2"):
         other.load_state_dict(state)
+
+
+def test_steps_do_not_depend_on_the_data_parallel_size(proc, text_dataset):
+    """With the same micro-batches per step (G = 4), one rank and two ranks train the same samples in every
+    step, and a one-rank position resumes on two ranks at the next step."""
+    cfg = _cfg(text_dataset)
+    train, _, _ = load_samples(cfg)
+
+    def loader(rank, size):
+        lo = build_loader(cfg, proc, samples=train, dp_rank=rank, dp_size=size, seed=5, max_tokens=300)
+        lo.set_step_group(4)
+        return lo
+
+    one = _ids(list(loader(0, 1)))
+    two = [_ids(list(loader(r, 2))) for r in (0, 1)]
+    steps_one = [sorted(i for b in one[k : k + 4] for i in b) for k in range(0, len(one), 4)]
+    steps_two = [sorted(i for r in two for b in r[k : k + 2] for i in b) for k in range(0, len(two[0]), 2)]
+    assert steps_one == steps_two and len(steps_one) > 2
+    first = loader(0, 1)
+    it = iter(first)
+    for _ in range(4):  # one optimizer step
+        next(it)
+    state = json.loads(json.dumps(first.state_dict()))
+    resumed = [loader(r, 2) for r in (0, 1)]
+    for r in resumed:
+        r.load_state_dict(state)
+    rest = [_ids(list(r)) for r in resumed]
+    assert [
+        sorted(i for r in rest for b in r[k : k + 2] for i in b) for k in range(0, len(rest[0]), 2)
+    ] == steps_one[1:]
+    with pytest.raises(ValueError, match="multiple of the data-parallel size 2"):
+        resumed[0].set_step_group(3)
 
 
 def test_two_ranks_disjoint_and_covering(proc, text_dataset):

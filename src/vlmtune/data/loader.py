@@ -3,9 +3,11 @@
 Lengths come from `Processor.measure` (media headers only) and are cached under `cache_dir`, keyed by the
 samples, their media files' size/mtime and every option that changes lengths. Each epoch the samples are
 packed first-fit-decreasing into micro-batches of at most `max_tokens` tokens (ties broken by a seeded
-shuffle), the micro-batches are spread over data-parallel ranks with equal counts and balanced token sums,
-and every rank walks its share in a seeded order. The epoch plan depends only on (seed, epoch, rank), so
-`state_dict()` = (epoch, next batch index) resumes exactly.
+shuffle) and put in a seeded global order. That order is cut into step groups of G micro-batches (G = the
+micro-batches of one optimizer step over all data-parallel ranks); each group is spread over the ranks with
+equal counts and balanced token sums. What one optimizer step sees therefore depends on (seed, epoch, G)
+only, not on the number of data-parallel ranks: a run can resume on another data-parallel size with the
+same G and continue exactly. `state_dict()` = (epoch, micro-batches consumed by all ranks).
 """
 
 from __future__ import annotations
@@ -163,11 +165,11 @@ def first_fit_decreasing(items: list[int], lengths: list[int], budget: int) -> l
     return bins
 
 
-def shard_bins(bins: list[list[int]], lengths: list[int], dp_size: int) -> list[list[list[int]]]:
-    """Equal bin counts per rank with balanced tokens. Bins are split (or, with only single-sample bins
-    left, the smallest repeated) until the count divides by dp_size, so every rank steps in lockstep."""
+def pad_bins(bins: list[list[int]], lengths: list[int], multiple: int) -> list[list[int]]:
+    """Bins split (or, with only single-sample bins left, the smallest repeated) until their count divides
+    by `multiple`, so every rank steps in lockstep."""
     bins = [list(b) for b in bins]
-    while len(bins) % dp_size:
+    while len(bins) % multiple:
         multi = [k for k, b in enumerate(bins) if len(b) > 1]
         if multi:
             k = max(multi, key=lambda k: len(bins[k]))
@@ -176,6 +178,12 @@ def shard_bins(bins: list[list[int]], lengths: list[int], dp_size: int) -> list[
             bins[k] = bins[k][:half]
         else:
             bins.append(list(min(bins, key=lambda b: lengths[b[0]])))
+    return bins
+
+
+def shard_bins(bins: list[list[int]], lengths: list[int], dp_size: int) -> list[list[list[int]]]:
+    """Equal bin counts per rank with balanced tokens (after `pad_bins` to a multiple of dp_size)."""
+    bins = pad_bins(bins, lengths, dp_size)
     quota = len(bins) // dp_size
     tokens = [sum(lengths[i] for i in b) for b in bins]
     ranks: list[list[list[int]]] = [[] for _ in range(dp_size)]
@@ -261,6 +269,7 @@ class PackedLoader:
     def __init__(self, cfg, processor, samples, lengths, *, dp_rank, dp_size, seed, max_tokens, report):
         self.cfg, self.processor, self.samples, self.lengths = cfg, processor, samples, lengths
         self.dp_rank, self.dp_size, self.seed, self.max_tokens = dp_rank, dp_size, seed, max_tokens
+        self.step_group = dp_size  # micro-batches per optimizer step over all ranks (set_step_group)
         self.skip_report = report
         self.valid = [i for i, n in enumerate(lengths) if n is not None]
         if not self.valid:
@@ -278,11 +287,14 @@ class PackedLoader:
             rng.shuffle(items)
             bins = first_fit_decreasing(items, self.lengths, self.max_tokens)
             rng.shuffle(bins)
-            shards = shard_bins(bins, self.lengths, self.dp_size)
-            mine = shards[self.dp_rank]
-            random.Random(f"{self.seed}:{epoch}:{self.dp_rank}").shuffle(mine)
+            g = self.step_group
+            bins = pad_bins(bins, self.lengths, g)
+            mine = []
+            for start in range(0, len(bins), g):
+                # Which rank gets which bin of a step changes nothing in the step's gradient.
+                mine.extend(shard_bins(bins[start : start + g], self.lengths, self.dp_size)[self.dp_rank])
             self._plans = {epoch: mine}
-            self._all_bins[epoch] = sum(len(s) for s in shards)
+            self._all_bins[epoch] = len(bins)
         return self._plans[epoch]
 
     def __len__(self) -> int:
@@ -297,25 +309,46 @@ class PackedLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self.batch_index = epoch, 0
 
+    def set_step_group(self, micro_batches_per_step: int) -> None:
+        """G: micro-batches of one optimizer step over all data-parallel ranks (a multiple of dp_size)."""
+        if micro_batches_per_step < 1 or micro_batches_per_step % self.dp_size:
+            raise ValueError(
+                f"micro-batches per step ({micro_batches_per_step}) must be a positive multiple of the "
+                f"data-parallel size {self.dp_size}"
+            )
+        if micro_batches_per_step != self.step_group:
+            self.step_group = micro_batches_per_step
+            self._plans, self._all_bins = {}, {}
+
     def state_dict(self) -> dict:
         return {
             "epoch": self.epoch,
             "batch_index": self.batch_index,
+            "global_index": self.batch_index * self.dp_size,  # micro-batches all ranks consumed this epoch
             "seed": self.seed,
             "dp_size": self.dp_size,
+            "step_group": self.step_group,
             "max_tokens": self.max_tokens,
             "num_samples": len(self.samples),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "dp_size", "max_tokens", "num_samples"):
+        """Resume at the saved position; a different data-parallel size works when the step group is the
+        same and the position is a step boundary on the new ranks (checkpoints are saved between steps)."""
+        for key in ("seed", "max_tokens", "num_samples", "step_group"):
             mine = self.state_dict()[key]
-            if state.get(key) != mine:
+            if state.get(key, self.dp_size if key == "step_group" else None) != mine:
                 raise ValueError(
                     f"cannot resume the data loader: checkpoint has {key}={state.get(key)}, this run has {mine}; "
-                    "resume with the same data, seed, data-parallel size and max_tokens"
+                    "resume with the same data, seed, max_tokens and micro-batches per step"
                 )
-        self.epoch, self.batch_index = int(state["epoch"]), int(state["batch_index"])
+        global_index = int(state.get("global_index", int(state["batch_index"]) * int(state["dp_size"])))
+        if global_index % self.dp_size:
+            raise ValueError(
+                f"cannot resume the data loader on {self.dp_size} data-parallel ranks: the checkpoint is "
+                f"{global_index} micro-batches into the epoch, not a multiple of {self.dp_size}"
+            )
+        self.epoch, self.batch_index = int(state["epoch"]), global_index // self.dp_size
 
     def __iter__(self):
         plan = self.epoch_plan(self.epoch)

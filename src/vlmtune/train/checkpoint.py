@@ -207,11 +207,18 @@ def load(
     saved_dp_size = meta.get("dp_size", meta["world_size"])
     owners = meta.get("dp_rank_of_rank", list(range(meta["world_size"])))
     if saved_dp_size != my_dp_size or my_dp_rank not in owners:
-        print(
-            f"{path}: saved with {saved_dp_size} data-parallel rank(s), resuming on {my_dp_size}: the data order "
-            "restarts at the saved epoch and RNG states are not restored",
-            flush=True,
-        )
+        # Another data-parallel size: the loader maps the global position onto this rank (same data per
+        # step); per-rank RNG streams do not map, so they start fresh.
+        first = os.path.join(path, "rank_00000.pt")
+        state = torch.load(first, weights_only=False) if os.path.exists(first) else {}
+        if loader is not None and state.get("loader") is not None:
+            loader.load_state_dict(state["loader"])
+        if _rank() == 0:
+            print(
+                f"{path}: saved with {saved_dp_size} data-parallel rank(s), resuming on {my_dp_size}: the data "
+                "position continues; RNG states are not restored",
+                flush=True,
+            )
         return meta
     rank_file = os.path.join(path, f"rank_{owners.index(my_dp_rank):05d}.pt")
     local = torch.load(rank_file, weights_only=False) if os.path.exists(rank_file) else {}

@@ -105,6 +105,9 @@ def _train(cfg: TrainConfig, info) -> dict:
     # Ranks that differ only in tensor parallelism read the same data: shard by the data-parallel rank.
     processor, loader, val_loader, n_train = _build_data(cfg, info.dp_rank, info.dp_size)
     accum = accumulation_steps(cfg, len(loader), n_train, info.dp_size)
+    # What one optimizer step trains on depends on the micro-batches per step, not on the data-parallel
+    # size: a checkpoint resumes on another layout with the same data.
+    loader.set_step_group(accum * info.dp_size)
     n_steps = total_steps(cfg, len(loader), accum)
 
     build = dict(
