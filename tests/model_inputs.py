@@ -76,3 +76,33 @@ def ours_kwargs(inputs: dict) -> dict:
 
 def hf_kwargs(inputs: dict) -> dict:
     return {k: v for k, v in inputs.items() if v is not None}
+
+
+def packed_row(samples: list[dict]) -> dict:
+    """Samples (from `build_sample`) packed in one row: per-sample MRoPE positions, `cu_seqlens`, media in
+    sample order, labels = input ids (the model's forward keywords; no mm_token_type_ids)."""
+    from vlmtune.models.qwen3_vl import get_rope_index
+
+    positions = [
+        get_rope_index(
+            s["input_ids"],
+            s["image_grid_thw"],
+            s["video_grid_thw"],
+            image_token_id=IMAGE,
+            video_token_id=VIDEO,
+        )[0]
+        for s in samples
+    ]
+    lens = torch.tensor([s["input_ids"].shape[1] for s in samples])
+    ids = torch.cat([s["input_ids"] for s in samples], 1)
+    row = {
+        "input_ids": ids,
+        "labels": ids.clone(),
+        "position_ids": torch.cat(positions, dim=2),
+        "cu_seqlens": torch.cat([torch.zeros(1, dtype=torch.int32), lens.cumsum(0).int()]),
+    }
+    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+        parts = [s[key] for s in samples if s[key] is not None]
+        if parts:
+            row[key] = torch.cat(parts)
+    return row

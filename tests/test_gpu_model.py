@@ -9,10 +9,9 @@ import pytest
 import torch
 
 from vlmtune import load_pretrained
-from vlmtune.models.qwen3_vl import get_rope_index
 from vlmtune.models.qwen3_vl.attention import attention, build_mask, varlen_attn
 
-from model_inputs import build_sample, ours_kwargs
+from model_inputs import build_sample, ours_kwargs, packed_row
 
 pytestmark = pytest.mark.gpu
 
@@ -42,28 +41,9 @@ def test_bf16_cuda_packed_forward_backward_close_to_fp32_cpu(tiny_ckpt):
         build_sample([11], 2),
         build_sample([4, ("video", 2, 4, 4)], 3),
     ]
-    ids = torch.cat([s["input_ids"] for s in samples], 1)
-    pos = torch.cat(
-        [
-            get_rope_index(
-                s["input_ids"],
-                s["image_grid_thw"],
-                s["video_grid_thw"],
-                image_token_id=151655,
-                video_token_id=151656,
-            )[0]
-            for s in samples
-        ],
-        dim=2,
-    )
-    lens = [s["input_ids"].shape[1] for s in samples]
-    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
-    media = {
-        "pixel_values": samples[0]["pixel_values"],
-        "image_grid_thw": samples[0]["image_grid_thw"],
-        "pixel_values_videos": samples[2]["pixel_values_videos"],
-        "video_grid_thw": samples[2]["video_grid_thw"],
-    }
+    row = packed_row(samples)
+    ids, pos, cu = row["input_ids"], row["position_ids"], row["cu_seqlens"]
+    media = {k: row[k] for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")}
     ref = load_pretrained(path)(ids, position_ids=pos, cu_seqlens=cu, **media).logits
     model = load_pretrained(path, dtype=torch.bfloat16, device="cuda")
     cuda_media = {k: v.cuda() for k, v in media.items()}

@@ -19,7 +19,7 @@ from vlmtune.models.qwen3_vl.model import shift_labels
 from vlmtune.parallel.tensor import ParallelConfigError
 from vlmtune.testing import make_tiny_checkpoint
 
-from model_inputs import build_sample
+from model_inputs import build_sample, packed_row
 
 STEPS = 3
 MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, mlp_only_layers=[1])
@@ -35,19 +35,8 @@ def sample(i):
 
 
 def packed():
-    a, b = sample(0), sample(1)
-    la, lb = a["input_ids"].shape[1], b["input_ids"].shape[1]
-    out = {
-        k: torch.cat([a[k], b[k]], 2 if k == "position_ids" else 1 if k == "input_ids" else 0)
-        for k in a
-        if k in b
-    }
-    for k in ("pixel_values", "image_grid_thw"):
-        out[k] = a[k]
-    for k in ("pixel_values_videos", "video_grid_thw"):
-        out[k] = b[k]
-    out["cu_seqlens"] = torch.tensor([0, la, la + lb], dtype=torch.int32)
-    return out
+    row = packed_row([build_sample(SAMPLES[i], 20 + i) for i in range(2)])
+    return {k: v for k, v in row.items() if k != "labels"}
 
 
 def token_loss_sum(model, batch):

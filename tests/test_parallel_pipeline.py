@@ -14,12 +14,11 @@ import torch
 
 from dist_utils import run_ranks
 from vlmtune import load_pretrained
-from vlmtune.models.qwen3_vl import get_rope_index
 from vlmtune.models.qwen3_vl.model import shift_labels
 from vlmtune.parallel.tensor import ParallelConfigError
 from vlmtune.testing import make_tiny_checkpoint
 
-from model_inputs import build_sample
+from model_inputs import build_sample, packed_row
 
 STEPS = 3
 LENGTH = 64
@@ -32,33 +31,10 @@ MICROBATCHES = [
 
 
 def microbatches():
-    out = []
-    for i, group in enumerate(MICROBATCHES):
-        samples = [build_sample(seg, 40 + 10 * i + j) for j, seg in enumerate(group)]
-        pos = [
-            get_rope_index(
-                s["input_ids"],
-                s["image_grid_thw"],
-                s["video_grid_thw"],
-                image_token_id=151655,
-                video_token_id=151656,
-            )[0]
-            for s in samples
-        ]
-        lens = torch.tensor([s["input_ids"].shape[1] for s in samples])
-        ids = torch.cat([s["input_ids"] for s in samples], 1)
-        mb = {
-            "input_ids": ids,
-            "labels": ids.clone(),
-            "position_ids": torch.cat(pos, 2),
-            "cu_seqlens": torch.cat([torch.zeros(1, dtype=torch.int32), lens.cumsum(0).int()]),
-        }
-        for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
-            parts = [s[key] for s in samples if s[key] is not None]
-            if parts:
-                mb[key] = torch.cat(parts)
-        out.append(mb)
-    return out
+    return [
+        packed_row([build_sample(seg, 40 + 10 * i + j) for j, seg in enumerate(group)])
+        for i, group in enumerate(MICROBATCHES)
+    ]
 
 
 def n_label_tokens(mbs):

@@ -7,50 +7,26 @@ import torch
 
 from dist_utils import run_ranks
 from vlmtune import load_pretrained
-from vlmtune.models.qwen3_vl import get_rope_index
 from vlmtune.parallel.tensor import (
     ParallelConfigError,
     validate_tensor_parallel,
     vocab_parallel_cross_entropy,
 )
 
-from model_inputs import build_sample
+from model_inputs import build_sample, packed_row
 
 STEPS = 3
 
 
 def packed_batch():
     """Image + text + video samples in one row, labels on everything."""
-    samples = [
-        build_sample([6, ("image", 4, 4), 3], 1),
-        build_sample([11], 2),
-        build_sample([4, ("video", 2, 4, 4), 2], 3),
-    ]
-    ids = torch.cat([s["input_ids"] for s in samples], 1)
-    pos = torch.cat(
+    return packed_row(
         [
-            get_rope_index(
-                s["input_ids"],
-                s["image_grid_thw"],
-                s["video_grid_thw"],
-                image_token_id=151655,
-                video_token_id=151656,
-            )[0]
-            for s in samples
-        ],
-        dim=2,
+            build_sample([6, ("image", 4, 4), 3], 1),
+            build_sample([11], 2),
+            build_sample([4, ("video", 2, 4, 4), 2], 3),
+        ]
     )
-    lens = torch.tensor([s["input_ids"].shape[1] for s in samples])
-    return {
-        "input_ids": ids,
-        "position_ids": pos,
-        "cu_seqlens": torch.cat([torch.zeros(1, dtype=torch.int32), lens.cumsum(0).int()]),
-        "pixel_values": samples[0]["pixel_values"],
-        "image_grid_thw": samples[0]["image_grid_thw"],
-        "pixel_values_videos": samples[2]["pixel_values_videos"],
-        "video_grid_thw": samples[2]["video_grid_thw"],
-        "labels": ids.clone(),
-    }
 
 
 def full(t):

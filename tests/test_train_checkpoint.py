@@ -16,6 +16,7 @@ import torch.distributed.checkpoint as dcp
 import yaml
 
 from test_train_utils import make_run_checkpoint
+from test_train_utils import run_config as shared_run_config
 from vlmtune.train import checkpoint
 from vlmtune.train.config import from_dict
 from vlmtune.train.demo import make_dataset
@@ -40,19 +41,7 @@ def dataset(tmp_path_factory):
 
 
 def run_config(out, ckpt, data_dir, **sections) -> dict:
-    raw = {
-        "output_dir": str(out),
-        "model": {"init_from_hf": ckpt},
-        "data": {"dataset": "train.json", "dataset_dir": data_dir, "num_workers": 0,
-                 "image_min_pixels": 4096, "image_max_pixels": 9216},
-        "train": {"train_iters": STEPS, "micro_batch_tokens": 300, "global_batch_tokens": 600, "seed": 3},
-        "optim": {"lr": 1e-3, "warmup_steps": 2},
-        "checkpoint": {"save_interval": 1, "keep_last": 2, "save_hf": False},
-        "logging": {"tensorboard": False, "progress_bar": False},
-    }  # fmt: skip
-    for name, values in sections.items():
-        raw[name] = {**raw.get(name, {}), **values}
-    return raw
+    return shared_run_config(out, ckpt, data_dir, steps=STEPS, **sections)
 
 
 def losses(out) -> list[tuple]:

@@ -16,6 +16,7 @@ import sys
 import pytest
 import yaml
 
+from test_train_utils import run_config
 from vlmtune.train.config import from_dict
 from vlmtune.train.demo import make_dataset
 from vlmtune.train.metrics import read_metrics
@@ -64,19 +65,7 @@ def moe_ckpt(tmp_path_factory):
 
 
 def config(out, ckpt, data_dir, **sections) -> dict:
-    raw = {
-        "output_dir": str(out),
-        "model": {"init_from_hf": ckpt},
-        "data": {"dataset": "train.json", "dataset_dir": data_dir, "num_workers": 0,
-                 "image_min_pixels": 4096, "image_max_pixels": 9216},
-        "train": {"train_iters": STEPS, "micro_batch_tokens": 300, "global_batch_tokens": 600, "seed": 3},
-        "optim": {"lr": 1e-3, "warmup_steps": 2},
-        "checkpoint": {"save_interval": 1, "keep_last": 1, "save_hf": False},
-        "logging": {"tensorboard": False, "progress_bar": False},
-    }  # fmt: skip
-    for name, values in sections.items():
-        raw[name] = {**raw.get(name, {}), **values}
-    return raw
+    return run_config(out, ckpt, data_dir, steps=STEPS, keep_last=1, **sections)
 
 
 def write(out, raw) -> str:

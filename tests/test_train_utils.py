@@ -94,3 +94,20 @@ def make_run_checkpoint(out_dir: str) -> str:
         vision_hidden=32, vision_depth=2, deepstack=(0,), tie_word_embeddings=True,
     )  # fmt: skip
     return out_dir
+
+
+def run_config(out, ckpt, data_dir, *, steps: int, keep_last: int = 2, **sections) -> dict:
+    """A full `vlmtune train` config on the demo's VQA data (written by `make_dataset`), small and fast."""
+    raw = {
+        "output_dir": str(out),
+        "model": {"init_from_hf": ckpt},
+        "data": {"dataset": "train.json", "dataset_dir": data_dir, "num_workers": 0,
+                 "image_min_pixels": 4096, "image_max_pixels": 9216},
+        "train": {"train_iters": steps, "micro_batch_tokens": 300, "global_batch_tokens": 600, "seed": 3},
+        "optim": {"lr": 1e-3, "warmup_steps": 2},
+        "checkpoint": {"save_interval": 1, "keep_last": keep_last, "save_hf": False},
+        "logging": {"tensorboard": False, "progress_bar": False},
+    }  # fmt: skip
+    for name, values in sections.items():
+        raw[name] = {**raw.get(name, {}), **values}
+    return raw

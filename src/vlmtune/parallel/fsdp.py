@@ -68,6 +68,45 @@ def apply_fsdp(
     fully_shard(root, mesh=mesh, mp_policy=mp)
 
 
+def shard_and_load(
+    root: nn.Module,
+    model: Qwen3VL,
+    info,
+    path: str,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    mixed_precision: str,
+    activation_checkpointing: str,
+    partial: bool = False,
+) -> None:
+    """Expert parallelism -> activation checkpointing -> FSDP -> allocation -> streaming this rank's slices
+    of the checkpoint in (`partial`: a pipeline stage holding part of the model)."""
+    from vlmtune.parallel.expert import apply_expert_parallel
+
+    ep = info.parallel.ep > 1
+    if ep:
+        apply_expert_parallel(model, info.mesh["ep"])
+    apply_activation_checkpointing(model, activation_checkpointing)
+    compute = torch.bfloat16 if mixed_precision == "bf16" else dtype
+    # bf16 compute reduces gradients in fp32; otherwise in the master dtype.
+    reduce = torch.float32 if mixed_precision == "bf16" else dtype
+    apply_fsdp(
+        root,
+        model,
+        info.fsdp_mesh,
+        param_dtype=compute,
+        reduce_dtype=reduce,
+        expert_mesh=info.expert_fsdp_mesh if ep else None,
+        expert_divide_factor=float(info.dp_size) if ep else None,
+    )
+    root.to_empty(device=device)
+    # A full checkpoint tensor copied into a sharded parameter keeps only this rank's slice (no comms).
+    with implicit_replication():
+        load_weights(model, path, partial=partial)
+    model.source_dir = path
+
+
 def build_sharded_model(
     path: str,
     root_factory,
@@ -84,7 +123,6 @@ def build_sharded_model(
 
     `root_factory(model)` wraps the model in the module whose forward the trainer calls (the FSDP root).
     Returns (root, model)."""
-    from vlmtune.parallel.expert import apply_expert_parallel
     from vlmtune.parallel.tensor import apply_tensor_parallel
 
     device = device or info.device
@@ -97,25 +135,9 @@ def build_sharded_model(
     if p.tp > 1:
         # Training never gathers logits: the chunked loss is vocab-parallel (see train/loss.py).
         apply_tensor_parallel(model, info.mesh["tp"], gather_logits=False)
-    if p.ep > 1:
-        apply_expert_parallel(model, info.mesh["ep"])
-    apply_activation_checkpointing(model, activation_checkpointing)
     root = root_factory(model)
-    compute = torch.bfloat16 if mixed_precision == "bf16" else dtype
-    # bf16 compute reduces gradients in fp32; otherwise in the master dtype.
-    reduce = torch.float32 if mixed_precision == "bf16" else dtype
-    apply_fsdp(
-        root,
-        model,
-        info.fsdp_mesh,
-        param_dtype=compute,
-        reduce_dtype=reduce,
-        expert_mesh=info.expert_fsdp_mesh if p.ep > 1 else None,
-        expert_divide_factor=float(info.dp_size) if p.ep > 1 else None,
-    )
-    root.to_empty(device=device)
-    # A full checkpoint tensor copied into a sharded parameter keeps only this rank's slice (no comms).
-    with implicit_replication():
-        load_weights(model, path)
-    model.source_dir = path
+    shard_and_load(
+        root, model, info, path, device=device, dtype=dtype, mixed_precision=mixed_precision,
+        activation_checkpointing=activation_checkpointing,
+    )  # fmt: skip
     return root, model

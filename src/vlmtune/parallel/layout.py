@@ -11,17 +11,11 @@ Mesh dimension names: "pp", "dp_replicate", "dp_shard_mod_ep", "ep", "tp", plus 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from vlmtune.models.qwen3_vl.config import ModelArgs
+from vlmtune.options import option as _f
 from vlmtune.parallel.tensor import ParallelConfigError, validate_tensor_parallel
-
-
-def _f(default, help: str, choices: tuple | None = None):
-    meta = {"help": help, "choices": choices}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 @dataclass

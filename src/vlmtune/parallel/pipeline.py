@@ -255,17 +255,12 @@ def build_sharded_pipeline(
     """This rank's pipeline stage for training: meta build -> `prepare` (freezing) -> prune to the stage ->
     expert parallelism -> activation checkpointing -> FSDP over the data-parallel ranks -> allocation and
     loading of the stage's own tensors. Returns (schedule, stage modules)."""
-    from torch.distributed.tensor.experimental import implicit_replication
-
     from vlmtune.models.qwen3_vl import load_config
-    from vlmtune.models.qwen3_vl.hf_io import load_weights
-    from vlmtune.parallel.expert import apply_expert_parallel
-    from vlmtune.parallel.fsdp import apply_activation_checkpointing, apply_fsdp
+    from vlmtune.parallel.fsdp import shard_and_load
 
     p = info.parallel
     args = load_config(path)
-    compute = torch.bfloat16 if mixed_precision == "bf16" else dtype
-    reduce = torch.float32 if mixed_precision == "bf16" else dtype
+    compute = torch.bfloat16 if mixed_precision == "bf16" else dtype  # activations between stages
 
     def factory() -> Qwen3VL:
         with torch.device("meta"):
@@ -275,23 +270,10 @@ def build_sharded_pipeline(
         return model
 
     def wrap(stage: PipelineStageModule) -> nn.Module:
-        model = stage.model
-        if p.ep > 1:
-            apply_expert_parallel(model, info.mesh["ep"])
-        apply_activation_checkpointing(model, activation_checkpointing)
-        apply_fsdp(
-            stage,
-            model,
-            info.fsdp_mesh,
-            param_dtype=compute,
-            reduce_dtype=reduce,
-            expert_mesh=info.expert_fsdp_mesh if p.ep > 1 else None,
-            expert_divide_factor=float(info.dp_size) if p.ep > 1 else None,
-        )
-        stage.to_empty(device=info.device)
-        with implicit_replication():
-            load_weights(model, path, partial=True)
-        model.source_dir = path
+        shard_and_load(
+            stage, stage.model, info, path, device=info.device, dtype=dtype, mixed_precision=mixed_precision,
+            activation_checkpointing=activation_checkpointing, partial=True,
+        )  # fmt: skip
         stage.dummy_vision, stage.chunk_size = True, chunk_size
         return stage
 

@@ -17,18 +17,12 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from vlmtune.options import option as _f
 from vlmtune.parallel.layout import ParallelConfig
 
 
 class TrainConfigError(ValueError):
     """A training config that cannot run; the message names the key and what is allowed."""
-
-
-def _f(default, help: str, choices: tuple | None = None):
-    meta = {"help": help, "choices": choices}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 @dataclass
