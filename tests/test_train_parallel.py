@@ -58,7 +58,7 @@ def moe_ckpt(tmp_path_factory):
 
     d = str(tmp_path_factory.mktemp("moe"))
     make_tiny_checkpoint(
-        d, seed=0, text_hidden=32, text_layers=2, heads=2, kv_heads=1, head_dim=16, vision_hidden=32,
+        d, seed=0, text_hidden=32, text_layers=2, heads=2, kv_heads=2, head_dim=16, vision_hidden=32,
         vision_depth=2, deepstack=(0,), moe=dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16),
     )  # fmt: skip
     return d
@@ -144,6 +144,14 @@ def test_fsdp2_checkpoint_continues_under_ep2(tmp_path, moe_ckpt, dataset, moe_r
     saved = fsdp2_checkpoint(tmp_path, moe_ckpt, dataset, moe_reference)
     ep = resume_under(tmp_path, "ep2", saved, moe_ckpt, dataset, parallel={"ep": 2})
     assert_close(losses(ep), moe_reference, [1, 2, 3, 4])
+
+
+@pytest.mark.slow
+def test_tp2_x_ep2_moe_equals_one_process(tmp_path, moe_ckpt, dataset, moe_reference):
+    """The 30B-A3B recipe in small: 4 ranks, tensor parallel 2 x (FSDP 2 with experts over ep 2)."""
+    out = tmp_path / "tp2_ep2"
+    torchrun(out, config(out, moe_ckpt, dataset, train={"train_iters": 2}, parallel={"tp": 2, "ep": 2}), 4)
+    assert_close(losses(out), moe_reference, [1, 2])
 
 
 @pytest.mark.slow
