@@ -10,7 +10,9 @@ shape the prefill time is the time to the first token (`max_new_tokens=1`), and 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import tempfile
 import time
 
@@ -21,19 +23,9 @@ from vlmtune import load_pretrained
 from vlmtune.infer import generate, left_pad
 from vlmtune.testing import make_tiny_checkpoint
 
-CONFIG = dict(
-    text_hidden=256,
-    text_layers=4,
-    heads=8,
-    kv_heads=4,
-    head_dim=32,
-    mrope_section=(4, 6, 6),
-    vision_hidden=128,
-    vision_depth=4,
-    vision_heads=4,
-    deepstack=(0, 1, 2),
-    num_position_embeddings=256,
-)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_model import CONFIG  # noqa: E402  the same small model in every benchmark
+
 PAD, IMAGE, VIDEO = 151643, 151655, 151656
 
 

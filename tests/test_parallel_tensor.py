@@ -44,21 +44,27 @@ def train_steps(rank, world, ckpt, tp, use_vocab_parallel_loss):
         apply_tensor_parallel(
             model, init_device_mesh("cpu", (tp,)), gather_logits=not use_vocab_parallel_loss
         )
+    if not use_vocab_parallel_loss:
+        return run_steps(model, lambda m, b: m(**b).loss)
+
+    def vocab_parallel_loss(m, b):
+        from vlmtune.models.qwen3_vl.model import shift_labels
+
+        out = m(**{k: v for k, v in b.items() if k != "labels"}, return_hidden=True)
+        target = shift_labels(b["labels"], b["cu_seqlens"])[0]
+        keep = target != -100
+        return vocab_parallel_cross_entropy(out.hidden_states[0][keep], m.lm_head.weight, target[keep]).mean()
+
+    return run_steps(model, vocab_parallel_loss)
+
+
+def run_steps(model, loss_fn):
+    """STEPS AdamW steps on the packed batch: losses of every step, full gradients of the first."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
-    batch = packed_batch()
+    batch = packed_batch()  # every rank sees the same batch: the step equals one process on that batch
     losses, grads = [], {}
     for step in range(STEPS):
-        if use_vocab_parallel_loss:
-            out = model(**{k: v for k, v in batch.items() if k != "labels"}, return_hidden=True)
-            from vlmtune.models.qwen3_vl.model import shift_labels
-
-            target = shift_labels(batch["labels"], batch["cu_seqlens"])[0]
-            keep = target != -100
-            loss = vocab_parallel_cross_entropy(
-                out.hidden_states[0][keep], model.lm_head.weight, target[keep]
-            ).mean()
-        else:
-            loss = model(**batch).loss
+        loss = loss_fn(model, batch)
         loss.backward()
         losses.append(loss.item())
         if step == 0:
@@ -111,18 +117,7 @@ def fsdp_tp_steps(rank, world, ckpt):
     for block in [*model.visual.blocks.values(), *model.language_model.layers.values()]:
         fully_shard(block, mesh=mesh["dp_shard"])
     fully_shard(model, mesh=mesh["dp_shard"])
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
-    batch = packed_batch()  # every dp rank sees the same batch: the step equals one process on that batch
-    losses, grads = [], {}
-    for step in range(STEPS):
-        loss = model(**batch).loss
-        loss.backward()
-        losses.append(loss.item())
-        if step == 0:
-            grads = {n: full(p.grad).clone() for n, p in model.named_parameters()}
-        opt.step()
-        opt.zero_grad()
-    return losses, grads
+    return run_steps(model, lambda m, b: m(**b).loss)
 
 
 @pytest.mark.slow
