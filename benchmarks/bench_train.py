@@ -22,8 +22,8 @@ SIZE = dict(text_hidden=256, text_layers=4, heads=8, kv_heads=4, head_dim=32, mr
 
 
 def prepare(work: str, n: int) -> None:
+    from vlmtune.demo import _native_resolution, make_dataset
     from vlmtune.testing import make_tiny_checkpoint
-    from vlmtune.train.demo import _native_resolution, make_dataset
 
     make_tiny_checkpoint(os.path.join(work, "base"), seed=0, **SIZE)
     _native_resolution(os.path.join(work, "base"))
@@ -42,26 +42,28 @@ def encoded(work: str):
 def run_ours(work: str, steps: int, budget: int) -> dict:
     import torch
 
+    from vlmtune import load_pretrained
     from vlmtune.data import pack
     from vlmtune.data.loader import first_fit_decreasing
-    from vlmtune.models.qwen3_vl import Qwen3VL
-    from vlmtune.train.step import TrainModule, train_step
+    from vlmtune.train.step import DataParallelStep, TrainModule, finish_step
 
     _, enc = encoded(work)
     lengths = [e["input_ids"].numel() for e in enc]
     bins = first_fit_decreasing(list(range(len(enc))), lengths, budget)
     batches = [pack([enc[i] for i in b]) for b in bins]
-    model = Qwen3VL.from_pretrained(os.path.join(work, "base"))
-    root = TrainModule(model)
+    model = load_pretrained(os.path.join(work, "base"))
+    strategy = DataParallelStep(TrainModule(model), torch.device("cpu"), dp_size=1)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    cpu = torch.device("cpu")
-    train_step(
-        root, opt, batches[:1], device=cpu, world_size=1, clip_grad=1.0, on_nan="stop", step=0
-    )  # warm-up
+
+    def step(micro, s):
+        loss, tokens, labels = strategy.forward_backward(micro)
+        finish_step(opt, micro, loss, tokens, labels, clip_grad=1.0, on_nan="stop", step=s)
+
+    step(batches[:1], 0)  # warm-up
     t, tokens = time.perf_counter(), 0
     for s in range(steps):
-        train_step(root, opt, batches, device=cpu, world_size=1, clip_grad=1.0, on_nan="stop", step=s)
-        tokens += sum(b["input_ids"].numel() for b in batches)
+        step(batches, s + 1)
+        tokens += sum(b.num_tokens for b in batches)
     return {"tokens_per_s": tokens / (time.perf_counter() - t), "micro_batches": len(batches)}
 
 

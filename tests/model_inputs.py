@@ -106,3 +106,24 @@ def packed_row(samples: list[dict]) -> dict:
         if parts:
             row[key] = torch.cat(parts)
     return row
+
+
+def as_packed_batch(row: dict):
+    """A `packed_row` dict as the trainer's PackedBatch (targets shifted once, per sample)."""
+    from vlmtune.data import PackedBatch
+    from vlmtune.models.qwen3_vl import shift_labels
+
+    cu = row["cu_seqlens"]
+    media = {
+        k: row[k]
+        for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+        if k in row
+    }
+    return PackedBatch(
+        input_ids=row["input_ids"],
+        targets=shift_labels(row["labels"], cu),
+        position_ids=row["position_ids"],
+        cu_seqlens=cu,
+        max_seqlen=int((cu[1:] - cu[:-1]).max()),
+        **media,
+    )

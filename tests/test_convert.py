@@ -9,8 +9,8 @@ from safetensors.torch import load_file
 
 from dist_utils import run_ranks
 from vlmtune import load_pretrained
+from vlmtune.checkpoint.hf import checkpoint_files
 from vlmtune.cli import main
-from vlmtune.models.qwen3_vl.hf_io import checkpoint_files
 from vlmtune.testing import make_tiny_checkpoint
 
 
@@ -53,8 +53,8 @@ def test_round_trip_is_bitwise_and_loads_in_transformers(tiny_ckpt, tmp_path):
 
 
 def test_converted_checkpoint_is_what_the_trainer_loads(tiny_ckpt, tmp_path):
-    from vlmtune.train.convert import hf_to_native
-    from vlmtune.train.export import load_model_from_checkpoint
+    from vlmtune.checkpoint.convert import hf_to_native
+    from vlmtune.checkpoint.export import load_model_from_checkpoint
 
     hf_to_native(tiny_ckpt[0], str(tmp_path))
     ours = load_model_from_checkpoint(str(tmp_path))
@@ -66,7 +66,7 @@ def test_converted_checkpoint_is_what_the_trainer_loads(tiny_ckpt, tmp_path):
 def test_moe_round_trip(tmp_path):
     moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48)
     make_tiny_checkpoint(str(tmp_path / "src"), seed=2, assets=False, moe=moe)
-    from vlmtune.train.convert import hf_to_native, native_to_hf
+    from vlmtune.checkpoint.convert import hf_to_native, native_to_hf
 
     hf_to_native(str(tmp_path / "src"), str(tmp_path / "run"))
     native_to_hf(str(tmp_path / "run"), str(tmp_path / "hf"))
@@ -82,9 +82,9 @@ def load_sharded(rank, world, src, run):
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
 
+    from vlmtune.checkpoint.dcp import resolve
     from vlmtune.parallel.pipeline import PipelineStageModule, plan_stages
     from vlmtune.parallel.tensor import apply_tensor_parallel
-    from vlmtune.train.checkpoint import resolve
 
     ckpt = resolve(run)
     ref = load_pretrained(src).state_dict()
@@ -111,7 +111,7 @@ def load_sharded(rank, world, src, run):
 
 
 def test_converted_checkpoint_loads_into_tp_and_pp_layouts(tiny_ckpt, tmp_path):
-    from vlmtune.train.convert import hf_to_native
+    from vlmtune.checkpoint.convert import hf_to_native
 
     hf_to_native(tiny_ckpt[0], str(tmp_path))
     counts = run_ranks(load_sharded, 2, tiny_ckpt[0], str(tmp_path))

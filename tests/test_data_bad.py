@@ -100,7 +100,7 @@ def _write(tmp_path, name, bad):
 
 def _run(tiny_ckpt, cfg):
     train, val, report = load_samples(cfg)
-    proc = build_processor(tiny_ckpt[0], **cfg.processor_options())
+    proc = build_processor(tiny_ckpt[0], cfg)
     loader = build_loader(cfg, proc, samples=train, dp_rank=0, dp_size=1, seed=0, max_tokens=1000)
     batches = list(loader)
     report.merge(loader.skip_report)
@@ -131,7 +131,7 @@ def test_bad_sample_skip_and_error(tiny_ckpt, media_dir, tmp_path, kind, caplog)
     assert dict(report.counts) == {reason: 1}
     assert f"{path}, line 2: {reason}" in report.examples[reason]
     assert reason in report.table()
-    assert sorted(sid for b in batches for sid in b["sample_ids"]) == [f"{path}:line 1", f"{path}:line 3"]
+    assert sorted(sid for b in batches for sid in b.sample_ids) == [f"{path}:line 1", f"{path}:line 3"]
     assert any(f"line 2: {reason}" in r.getMessage() for r in caplog.records)
     with pytest.raises(BadSample, match=f"{path}, line 2: {reason}"):
         _run(tiny_ckpt, DataConfig(**common, on_bad_sample="error"))

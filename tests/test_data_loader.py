@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from vlmtune.cli import main as cli_main
-from vlmtune.data import DataConfig, DataConfigError, build_loader, build_processor, load_samples, pack
+from vlmtune.constants import IGNORE_INDEX
+from vlmtune.data import DataConfig, build_loader, build_processor, load_samples, pack
 from vlmtune.data.loader import first_fit_decreasing, shard_bins
+from vlmtune.errors import ConfigError, DataError
 
 
 @pytest.fixture(scope="module")
@@ -61,21 +63,22 @@ def test_pack_round_trip(proc, photo_paths):
     for k, e in enumerate(enc):
         e["sample_id"] = f"s{k}"
     batch = pack(enc)
-    cu = batch["cu_seqlens"].tolist()
-    assert batch["cu_seqlens"].dtype == torch.int32 and cu[0] == 0 and cu[-1] == batch["input_ids"].shape[1]
-    assert batch["position_ids"].shape == (3, 1, cu[-1])
+    cu = batch.cu_seqlens.tolist()
+    assert batch.cu_seqlens.dtype == torch.int32 and cu[0] == 0 and cu[-1] == batch.input_ids.shape[1]
+    assert batch.position_ids.shape == (3, 1, cu[-1])
+    assert batch.max_seqlen == max(b - a for a, b in zip(cu[:-1], cu[1:]))
     for e, a, b in zip(enc, cu[:-1], cu[1:]):
-        assert torch.equal(batch["input_ids"][0, a:b], e["input_ids"])
-        assert torch.equal(batch["position_ids"][:, 0, a:b], e["position_ids"])
-        assert batch["labels"][0, a] == -100
-        assert torch.equal(batch["labels"][0, a + 1 : b], e["labels"][1:])
-    assert torch.equal(batch["pixel_values"], torch.cat([enc[0]["pixel_values"], enc[2]["pixel_values"]]))
+        assert torch.equal(batch.input_ids[0, a:b], e["input_ids"])
+        assert torch.equal(batch.position_ids[:, 0, a:b], e["position_ids"])
+        # targets are the labels shifted once: position t predicts token t + 1 of the same sample
+        assert torch.equal(batch.targets[0, a : b - 1], e["labels"][1:])
+        assert batch.targets[0, b - 1] == IGNORE_INDEX
+    assert torch.equal(batch.pixel_values, torch.cat([enc[0]["pixel_values"], enc[2]["pixel_values"]]))
     assert (
-        batch["image_grid_thw"].tolist()
-        == enc[0]["image_grid_thw"].tolist() + enc[2]["image_grid_thw"].tolist()
+        batch.image_grid_thw.tolist() == enc[0]["image_grid_thw"].tolist() + enc[2]["image_grid_thw"].tolist()
     )
-    assert batch["sample_ids"] == ["s0", "s1", "s2"]
-    assert batch["num_label_tokens"] == sum(int((e["labels"][1:] != -100).sum()) for e in enc)
+    assert batch.sample_ids == ["s0", "s1", "s2"]
+    assert batch.num_label_tokens == sum(int((e["labels"][1:] != IGNORE_INDEX).sum()) for e in enc)
 
 
 def test_packed_forward_matches_per_sample(tiny_ckpt, proc, photo_paths):
@@ -95,10 +98,9 @@ def test_packed_forward_matches_per_sample(tiny_ckpt, proc, photo_paths):
     ]
     enc = [proc.encode(s, root) for s in samples]
     batch = pack(enc)
-    keys = ("input_ids", "position_ids", "cu_seqlens", "pixel_values", "image_grid_thw")
     with torch.no_grad():
-        packed = model(**{k: batch[k] for k in keys}).logits[0]
-        cu = batch["cu_seqlens"].tolist()
+        packed = model(**batch.model_inputs()).logits[0]
+        cu = batch.cu_seqlens.tolist()
         for e, a, b in zip(enc, cu[:-1], cu[1:]):
             single = {k: e[k] for k in ("pixel_values", "image_grid_thw") if k in e}
             alone = model(e["input_ids"][None], position_ids=e["position_ids"][:, None], **single).logits[0]
@@ -145,7 +147,7 @@ def _cfg(path, **kw):
 
 
 def _ids(batches):
-    return [b["sample_ids"] for b in batches]
+    return [b.sample_ids for b in batches]
 
 
 def test_sampler_resume_mid_epoch_with_workers(proc, text_dataset):
@@ -159,7 +161,7 @@ def test_sampler_resume_mid_epoch_with_workers(proc, text_dataset):
     assert epoch1 != epoch0  # a new seeded order each epoch
     first = build_loader(cfg, proc, samples=train, dp_rank=0, dp_size=1, seed=3, max_tokens=400)
     it = iter(first)
-    taken = [next(it)["sample_ids"] for _ in range(3)]
+    taken = [next(it).sample_ids for _ in range(3)]
     state = json.loads(json.dumps(first.state_dict()))
     resumed = build_loader(cfg, proc, samples=train, dp_rank=0, dp_size=1, seed=3, max_tokens=400)
     resumed.load_state_dict(state)
@@ -210,11 +212,11 @@ def test_two_ranks_disjoint_and_covering(proc, text_dataset):
     ranks = [
         build_loader(cfg, proc, samples=train, dp_rank=r, dp_size=2, seed=0, max_tokens=300) for r in (0, 1)
     ]
-    seen = [[i for b in r for i in b["sample_ids"]] for r in ranks]
+    seen = [[i for b in r for i in b.sample_ids] for r in ranks]
     assert len(ranks[0]) == len(ranks[1])
     assert not set(seen[0]) & set(seen[1])
     assert sorted(seen[0] + seen[1]) == sorted(s["id"] for s in train)
-    assert all(b["input_ids"].shape[1] <= 300 for r in ranks for b in r)
+    assert all(b.num_tokens <= 300 for r in ranks for b in r)
     assert 0.5 < ranks[0].fill_ratio() <= 1.0
 
 
@@ -234,11 +236,11 @@ def test_length_cache_hit_and_stale(proc, text_dataset, tmp_path, monkeypatch):
 
 
 def test_config_unknown_and_invalid_keys():
-    with pytest.raises(DataConfigError, match="unknown option.*'datset'"):
+    with pytest.raises(ConfigError, match="data.datset: unknown key"):
         DataConfig.from_dict({"datset": "a.json"})
-    with pytest.raises(DataConfigError, match="on_bad_sample"):
+    with pytest.raises(ConfigError, match="on_bad_sample"):
         DataConfig(dataset="a.json", on_bad_sample="ignore")
-    with pytest.raises(DataConfigError, match="mix_ratios"):
+    with pytest.raises(ConfigError, match="mix_ratios"):
         DataConfig(dataset="a.json,b.json", mix_ratios=[1.0])
     assert DataConfig.from_dict({"dataset": "a.json,b.jsonl"}).dataset == ["a.json", "b.jsonl"]
 
@@ -251,13 +253,13 @@ def test_load_samples_formats_ratios_and_split(tmp_path):
         for i in range(6)
     ]
     (tmp_path / "b.jsonl").write_text("".join(json.dumps(s) + "\n" for s in llava))
-    cfg = DataConfig(dataset="a.json,b.jsonl", dataset_dir=str(tmp_path), mix_ratios=[0.5, 2.0], seed=7)
-    train, val, report = load_samples(cfg)
+    cfg = DataConfig(dataset="a.json,b.jsonl", dataset_dir=str(tmp_path), mix_ratios=[0.5, 2.0])
+    train, val, report = load_samples(cfg, seed=7)
     ids = [s["id"] for s in train]
     assert sum(i.startswith("s") for i in ids) == 5 and sum(i.startswith("l") for i in ids) == 12
     assert report.total == 0 and val == []
     assert train[0]["_where"].startswith(("index", "line"))
-    assert load_samples(cfg)[0] == train  # deterministic
+    assert load_samples(cfg, seed=7)[0] == train  # deterministic
     capped = load_samples(
         DataConfig(dataset="a.json", dataset_dir=str(tmp_path), max_samples=4, shuffle=False)
     )[0]
@@ -266,7 +268,7 @@ def test_load_samples_formats_ratios_and_split(tmp_path):
     assert len(va) == 3 and len(tr) == 7 and not {s["id"] for s in tr} & {s["id"] for s in va}
     tr, va, _ = load_samples(DataConfig(dataset="a.json", val_dataset="b.jsonl", dataset_dir=str(tmp_path)))
     assert len(tr) == 10 and len(va) == 6
-    with pytest.raises(FileNotFoundError, match="nope.json"):
+    with pytest.raises(DataError, match="nope.json"):
         load_samples(DataConfig(dataset="nope.json", dataset_dir=str(tmp_path)))
 
 
@@ -328,7 +330,7 @@ def test_convert_llava_cli(tmp_path, photo_paths, capsys):
             str(out),
         ]
     )
-    assert rc == 1 and "sample id '3'" in capsys.readouterr().err
+    assert rc == 2 and "sample id '3'" in capsys.readouterr().err
 
 
 def test_inspect_cli(tiny_ckpt, text_dataset, tmp_path, capsys):

@@ -9,9 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from vlmtune import load_pretrained
-from vlmtune.models.qwen3_vl import CheckpointError, ConfigError, args_from_hf_dict
-from vlmtune.models.qwen3_vl.hf_io import checkpoint_files
+from vlmtune import load_pretrained, save_pretrained
+from vlmtune.checkpoint.hf import checkpoint_files
+from vlmtune.errors import CheckpointError, ConfigError
+from vlmtune.models.qwen3_vl import args_from_hf_dict
 from vlmtune.testing import make_tiny_checkpoint, tiny_config_dict
 
 from model_inputs import build_sample, hf_kwargs, ours_kwargs
@@ -39,7 +40,7 @@ def test_round_trip_bitwise_through_transformers(tiny_ckpt, tmp_path):
     src, hf = tiny_ckpt
     ours = load_pretrained(src)
     out = tmp_path / "export"
-    ours.save_pretrained(out)
+    save_pretrained(ours, out)
     files = set(os.listdir(out))
     assert {"config.json", "model.safetensors.index.json", "tokenizer.json", "chat_template.jinja"} <= files
     assert {"preprocessor_config.json", "video_preprocessor_config.json"} <= files
@@ -61,7 +62,7 @@ def test_round_trip_bitwise_through_transformers(tiny_ckpt, tmp_path):
 def test_sharded_save_and_load(tiny_ckpt, tmp_path):
     src, hf = tiny_ckpt
     ours = load_pretrained(src)
-    ours.save_pretrained(tmp_path, max_shard_bytes=2 * 2**20)
+    save_pretrained(ours, tmp_path, max_shard_bytes=2 * 2**20)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 3
     again = load_pretrained(tmp_path)
@@ -92,7 +93,7 @@ def test_config_variants_match_transformers(tmp_path, variant):
     if ours.args.tie_word_embeddings:
         assert ours.lm_head.weight is ours.language_model.embed_tokens.weight
     assert_same_logits(ours, hf)
-    ours.save_pretrained(tmp_path / "out")
+    save_pretrained(ours, tmp_path / "out")
     assert_same_logits(ours, hf_reload(tmp_path / "out"))
 
 

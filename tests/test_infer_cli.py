@@ -226,7 +226,7 @@ def test_cli_errors_say_what_to_do(tiny_ckpt, tmp_path, capsys):
 
 
 def test_training_checkpoint_loads_and_chats_like_the_model_it_saved(setup, tmp_path, capsys):
-    from vlmtune.train import checkpoint
+    from vlmtune.checkpoint import dcp as checkpoint
 
     path, _, processor, _ = setup
     trained = load_model(path)

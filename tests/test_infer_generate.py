@@ -8,7 +8,7 @@ import torch
 from transformers import AutoTokenizer
 
 from vlmtune import load_pretrained
-from vlmtune.infer import KVCache, generate, left_pad, stream
+from vlmtune.infer import KVCache, SamplingOptions, generate, left_pad, stream
 from vlmtune.testing import make_tiny_checkpoint, qwen_tokenizer_dir
 
 IMAGE, VIDEO, IM_END, PAD = 151655, 151656, 151645, 151643
@@ -199,7 +199,7 @@ def test_sampling_matches_transformers_with_same_seed(models, tok):
     prompt = chat_prompt(tok, **PROMPTS["image"], seed=5)
     opts = dict(temperature=0.7, top_k=50, top_p=0.9, repetition_penalty=1.3)
     torch.manual_seed(1234)
-    got = generate(ours, prompt, max_new_tokens=10, eos_token_ids=[IM_END], **opts)
+    got = generate(ours, prompt, max_new_tokens=10, eos_token_ids=[IM_END], sampling=SamplingOptions(**opts))
     torch.manual_seed(1234)
     ref = hf_generate(hf, prompt, 10, IM_END, do_sample=True, **opts).sequences[
         :, prompt["input_ids"].shape[0] :
@@ -209,7 +209,9 @@ def test_sampling_matches_transformers_with_same_seed(models, tok):
         ref = ref[: ref.index(IM_END)]
     assert got[0] == ref
     torch.manual_seed(99)
-    other = generate(ours, prompt, max_new_tokens=10, eos_token_ids=[IM_END], **opts)
+    other = generate(
+        ours, prompt, max_new_tokens=10, eos_token_ids=[IM_END], sampling=SamplingOptions(**opts)
+    )
     assert other != got, "a different seed should sample differently"
 
 
@@ -217,7 +219,13 @@ def test_generator_makes_sampling_reproducible(models, tok):
     ours, _ = models
     prompt = chat_prompt(tok, **PROMPTS["text"])
     runs = [
-        generate(ours, prompt, max_new_tokens=6, temperature=1.0, generator=torch.Generator().manual_seed(7))
+        generate(
+            ours,
+            prompt,
+            max_new_tokens=6,
+            sampling=SamplingOptions(temperature=1.0),
+            generator=torch.Generator().manual_seed(7),
+        )
         for _ in range(2)
     ]
     assert runs[0] == runs[1]
@@ -257,7 +265,7 @@ def test_bad_arguments_are_explained(models, tok):
     with pytest.raises(ValueError, match="left-padded"):
         generate(ours, right, max_new_tokens=2)
     with pytest.raises(ValueError, match="top_p"):
-        generate(ours, prompts[0], max_new_tokens=2, top_p=0.0)
+        generate(ours, prompts[0], max_new_tokens=2, sampling=SamplingOptions(top_p=0.0))
     with pytest.raises(ValueError, match="pad_token_id"):
         generate(ours, prompts, max_new_tokens=2)
 

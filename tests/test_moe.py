@@ -11,15 +11,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from vlmtune import load_pretrained
-from vlmtune.models.qwen3_vl import CheckpointError, ConfigError, args_from_hf_dict
+from vlmtune import load_pretrained, save_pretrained
+from vlmtune.errors import CheckpointError, ConfigError
+from vlmtune.models.qwen3_vl import args_from_hf_dict
 from vlmtune.models.qwen3_vl.moe import (
-    LAYOUT_KEY,
     SparseMoE,
     expert_mlp,
     load_balancing_loss,
     tokens_per_expert,
 )
+from vlmtune.models.qwen3_vl.state_dict_adapter import LAYOUT_KEY
 from vlmtune.testing import make_tiny_checkpoint, tiny_config_dict
 
 from model_inputs import build_sample, hf_kwargs, ours_kwargs, pad_batch
@@ -335,7 +336,7 @@ def test_unambiguous_shapes_decide_for_themselves(ckpts, models, tmp_path):
 
 def test_save_writes_hub_layout_and_metadata(models, tmp_path):
     out = str(tmp_path / "export_square")
-    models["square"].save_pretrained(out)
+    save_pretrained(models["square"], out)
     with open(os.path.join(out, "config.json")) as f:
         cfg = json.load(f)
     assert cfg[LAYOUT_KEY] == "hub" and "transformers_version" not in cfg
@@ -353,7 +354,7 @@ def test_export_reloads_in_transformers_with_equal_logits(models, tmp_path):
 
     ours = models["rect"]
     out = str(tmp_path / "export_rect")
-    ours.save_pretrained(out)
+    save_pretrained(ours, out)
     state = load_file(os.path.join(out, "model-00001-of-00001.safetensors"))
     assert tuple(state["model.language_model.layers.0.mlp.experts.gate_up_proj"].shape) == (4, 64, 96)
     hf = Qwen3VLMoeForConditionalGeneration.from_pretrained(

@@ -14,9 +14,9 @@ import torch
 
 from dist_utils import run_ranks
 from vlmtune import load_pretrained
+from vlmtune.errors import ParallelError
 from vlmtune.models.qwen3_vl import get_rope_index
 from vlmtune.models.qwen3_vl.model import shift_labels
-from vlmtune.parallel.tensor import ParallelConfigError
 from vlmtune.testing import make_tiny_checkpoint
 
 from model_inputs import build_sample, packed_row
@@ -105,5 +105,5 @@ def test_ep2_matches_single_process(moe_ckpt):
 def test_ep_must_divide_experts():
     from vlmtune.parallel.expert import validate_expert_parallel
 
-    with pytest.raises(ParallelConfigError, match=r"use one of \[1, 2, 4\]"):
+    with pytest.raises(ParallelError, match=r"use one of \[1, 2, 4\]"):
         validate_expert_parallel(4, 3)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from dist_utils import run_ranks
+from vlmtune.errors import ParallelError
 from vlmtune.models.qwen3_vl import args_from_hf_dict
 from vlmtune.parallel.layout import ParallelConfig, build_mesh, even_split, resolve
-from vlmtune.parallel.tensor import ParallelConfigError
 from vlmtune.testing import tiny_config_dict
 
 DENSE = args_from_hf_dict(tiny_config_dict(text_layers=4))
@@ -38,7 +38,7 @@ def test_dp_shard_fills_the_world():
     ],
 )
 def test_errors_say_what_works(cfg, world, args, message):
-    with pytest.raises(ParallelConfigError, match=message):
+    with pytest.raises(ParallelError, match=message):
         resolve(cfg, world, args)
 
 

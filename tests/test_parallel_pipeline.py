@@ -14,11 +14,11 @@ import torch
 
 from dist_utils import run_ranks
 from vlmtune import load_pretrained
+from vlmtune.errors import ParallelError
 from vlmtune.models.qwen3_vl.model import shift_labels
-from vlmtune.parallel.tensor import ParallelConfigError
 from vlmtune.testing import make_tiny_checkpoint
 
-from model_inputs import build_sample, packed_row
+from model_inputs import as_packed_batch, build_sample, packed_row
 
 STEPS = 3
 LENGTH = 64
@@ -101,7 +101,7 @@ def pipelined(rank, world, ckpt, llm_pp_layers, schedule, dp):
     )
     params = [p for m in modules for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=1e-3, foreach=False)
-    args, media = stack_microbatches(mbs, LENGTH)
+    args, media = stack_microbatches([as_packed_batch(b) for b in mbs], LENGTH)
     target = torch.zeros(len(mbs), 1)
     losses, grads = [], {}
     for step in range(STEPS):
@@ -167,9 +167,9 @@ def test_pp2_x_fsdp2_matches_single_process(pp_ckpt, ref):
 def test_stage_plan_errors():
     from vlmtune.parallel.pipeline import plan_stages
 
-    with pytest.raises(ParallelConfigError, match="sums to 5; the model has 4"):
+    with pytest.raises(ParallelError, match="sums to 5; the model has 4"):
         plan_stages(4, 3, [2, 3], None, 2)
-    with pytest.raises(ParallelConfigError, match="multiple of pp=2"):
+    with pytest.raises(ParallelError, match="multiple of pp=2"):
         plan_stages(4, 3, [1, 1, 2], None, 2)
-    with pytest.raises(ParallelConfigError, match=r"entirely on the first stage, e.g. \[3, 0\]"):
+    with pytest.raises(ParallelError, match=r"entirely on the first stage, e.g. \[3, 0\]"):
         plan_stages(4, 3, [2, 2], [2, 1], 2)

@@ -8,7 +8,7 @@ import torch
 from dist_utils import run_ranks
 from vlmtune import load_pretrained
 from vlmtune.parallel.tensor import (
-    ParallelConfigError,
+    ParallelError,
     validate_tensor_parallel,
     vocab_parallel_cross_entropy,
 )
@@ -100,7 +100,7 @@ def test_tp_validation_names_what_works(tiny_ckpt):
     from vlmtune.models.qwen3_vl import load_config
 
     args = load_config(tiny_ckpt[0])
-    with pytest.raises(ParallelConfigError, match="num_key_value_heads=2; .* divisible by 1, 2"):
+    with pytest.raises(ParallelError, match="num_key_value_heads=2; .* divisible by 1, 2"):
         validate_tensor_parallel(args, 4)
 
 

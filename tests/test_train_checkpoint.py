@@ -17,10 +17,11 @@ import yaml
 
 from test_train_utils import make_run_checkpoint
 from test_train_utils import run_config as shared_run_config
-from vlmtune.train import checkpoint
+from vlmtune.checkpoint import dcp as checkpoint
+from vlmtune.checkpoint.export import load_model_from_checkpoint
+from vlmtune.demo import make_dataset
+from vlmtune.errors import CheckpointError
 from vlmtune.train.config import from_dict
-from vlmtune.train.demo import make_dataset
-from vlmtune.train.export import load_model_from_checkpoint
 from vlmtune.train.metrics import read_metrics
 from vlmtune.train.optim import build_optimizer
 from vlmtune.train.trainer import train
@@ -137,7 +138,7 @@ def test_interrupted_write_never_becomes_latest(reference, run_ckpt, dataset, tm
     summary = train(from_dict(run_config(out, run_ckpt, dataset, train={"train_iters": 7})))
     assert summary["steps_run"] == 1 and checkpoint.latest(str(out)).endswith("step_00000007")
     assert not partial.exists()  # the retry of step 7 replaced the partial write
-    with pytest.raises(checkpoint.CheckpointLoadError, match="not a checkpoint"):
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
         checkpoint.resolve(str(tmp_path))
 
 
@@ -153,10 +154,10 @@ def test_no_save_flags_then_no_load_flags(run_ckpt, dataset, tmp_path):
     assert keys and not any(k.startswith("optim") for k in keys)
     assert "rng" not in torch.load(os.path.join(path, "rank_00000.pt"), weights_only=False)
     raw["train"]["train_iters"] = 3
-    with pytest.raises(checkpoint.CheckpointLoadError, match="set checkpoint.no_load_optim=true"):
+    with pytest.raises(CheckpointError, match="set checkpoint.no_load_optim=true"):
         train(from_dict(raw))
     raw["checkpoint"].update(no_load_optim=True)
-    with pytest.raises(checkpoint.CheckpointLoadError, match="set checkpoint.no_load_rng=true"):
+    with pytest.raises(CheckpointError, match="set checkpoint.no_load_rng=true"):
         train(from_dict(raw))
     raw["checkpoint"].update(no_load_rng=True)
     assert train(from_dict(raw))["steps_run"] == 1

@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from vlmtune.cli import main
-from vlmtune.train.config import TrainConfigError, describe_keys, from_dict, load
+from vlmtune.errors import ConfigError
+from vlmtune.train.config import describe_keys, from_dict, load
 
 
 def base(tmp_path) -> dict:
@@ -93,32 +94,37 @@ def test_config_errors_name_the_key(tmp_path, patch, message):
             raw[key] = {**raw[key], **value}
         else:
             raw[key] = value
-    with pytest.raises(TrainConfigError, match=None) as e:
+    with pytest.raises(ConfigError, match=None) as e:
         from_dict(raw)
     assert message in str(e.value)
 
 
-def test_data_section_errors_come_from_data_config(tmp_path):
-    from vlmtune.data import DataConfigError
-
+def test_data_section_is_checked_like_every_section(tmp_path):
     raw = base(tmp_path)
     raw["data"]["val_ratio"] = 2.0
-    with pytest.raises((TrainConfigError, DataConfigError), match="val_ratio"):
+    with pytest.raises(ConfigError, match="data.val_ratio"):
         from_dict(raw)
+    raw["data"]["val_ratio"] = "a lot"
+    with pytest.raises(ConfigError, match="data.val_ratio: expected float"):
+        from_dict(raw)
+    raw["data"]["val_ratio"] = 0.0
+    for removed, instead in (("max_tokens", 8192), ("seed", 1)):  # one budget and one seed per run: train.*
+        with pytest.raises(ConfigError, match=f"data.{removed}: unknown key"):
+            from_dict({**raw, "data": {**raw["data"], removed: instead}})
 
 
 def test_file_and_override_errors(tmp_path):
-    with pytest.raises(TrainConfigError, match="config file not found"):
+    with pytest.raises(ConfigError, match="config file not found"):
         load(str(tmp_path / "missing.yaml"))
     bad = tmp_path / "bad.yaml"
     bad.write_text("optim: [unclosed")
-    with pytest.raises(TrainConfigError, match="invalid YAML"):
+    with pytest.raises(ConfigError, match="invalid YAML"):
         load(str(bad))
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump(base(tmp_path)))
-    with pytest.raises(TrainConfigError, match="expected --section.key=value"):
+    with pytest.raises(ConfigError, match="expected --section.key=value"):
         load(str(good), ["--optim.lr"])
-    with pytest.raises(TrainConfigError, match="optim.nope: unknown key"):
+    with pytest.raises(ConfigError, match="optim.nope: unknown key"):
         load(str(good), ["--optim.nope=1"])
 
 
@@ -127,7 +133,7 @@ def test_help_lists_every_key_with_default(capsys):
     for key in ("init_from_hf", "activation_checkpointing", "vision_projector", "vision_encoder_lr", "clip_grad",
                 "warmup_fraction", "global_batch_tokens", "micro_batch_tokens", "mixed_precision", "chunk_size",
                 "no_load_optim", "no_load_rng", "no_save_optim", "no_save_rng", "keep_last", "save_hf",
-                "tensorboard", "log_interval", "dataset_dir", "max_samples"):  # fmt: skip
+                "tensorboard", "log_interval", "dataset_dir", "max_samples", "on_bad_sample", "video_fps"):  # fmt: skip
         assert f"  {key}: " in text
     with pytest.raises(SystemExit):
         main(["train", "--help"])

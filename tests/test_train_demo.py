@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from vlmtune.cli import main
-from vlmtune.train.demo import COLOURS, SHAPES, make_dataset
+from vlmtune.demo import COLOURS, SHAPES, make_dataset
 
 
 def test_synthetic_dataset_is_messages_format_with_heldout_split(tmp_path):

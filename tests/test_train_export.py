@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from test_train_utils import make_run_checkpoint
+from vlmtune.checkpoint.export import load_model_from_checkpoint
 from vlmtune.cli import main
+from vlmtune.demo import make_dataset
 from vlmtune.train.config import from_dict
-from vlmtune.train.demo import make_dataset
-from vlmtune.train.export import load_model_from_checkpoint
 from vlmtune.train.trainer import train
 
 

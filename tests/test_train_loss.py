@@ -5,9 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_train_utils import grads, max_rel_diff, pack, random_sample, small_vocab_model
-from vlmtune.train.loss import chunked_token_losses, count_labels, microbatch_loss, step_normalizers
-from vlmtune.train.step import TrainModule, forward_backward
+from test_train_utils import grads, labels_of, max_rel_diff, pack, random_sample, small_vocab_model, step_loss
+from vlmtune.parallel.loss import chunked_token_losses
+from vlmtune.train.loss import (
+    MicroBatchCounts,
+    StepNormalizers,
+    aux_loss_weight,
+    count_labels,
+    microbatch_loss,
+    step_normalizers,
+    token_weights,
+)
+from vlmtune.train.step import TrainModule
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +36,9 @@ def samples():
 
 
 def step_grads(model, micro_batches, loss_type):
-    root = TrainModule(model, loss_type=loss_type, chunk_size=5)
+    root = TrainModule(model, chunk_size=5)
     model.zero_grad(set_to_none=True)
-    loss, _, _ = forward_backward(root, micro_batches, torch.device("cpu"), dp_size=1)
+    loss = step_loss(root, micro_batches, loss_type)
     return loss, grads(model)
 
 
@@ -48,26 +57,13 @@ def test_chunked_ce_matches_full_logits(model64):
 
 def test_token_mean_equals_model_loss(model64, samples):
     batch = pack(samples)
-    ref = model64(
-        batch["input_ids"],
-        pixel_values=batch["pixel_values"],
-        image_grid_thw=batch["image_grid_thw"],
-        position_ids=batch["position_ids"],
-        cu_seqlens=batch["cu_seqlens"],
-        labels=batch["labels"],
-    ).loss
+    ref = model64(**batch.model_inputs(), labels=labels_of(samples)).loss
     c = count_labels(batch)
     assert c.tokens == sum(int((s["labels"] != -100).sum()) for s in samples)  # shifted left by one
     assert c.samples == 4
-    out = model64(
-        **{
-            k: batch[k] for k in ("input_ids", "pixel_values", "image_grid_thw", "position_ids", "cu_seqlens")
-        },
-        return_hidden=True,
-    )
-    ours = microbatch_loss(
-        out.hidden_states, model64.lm_head.weight, batch, c, step_normalizers([c]), "token_mean", 3
-    )
+    out = model64(**batch.model_inputs(), return_hidden=True)
+    weights = token_weights(batch, c, step_normalizers([c]), "token_mean")
+    ours = microbatch_loss(out.hidden_states, model64.lm_head.weight, batch, weights, 3)
     torch.testing.assert_close(ours.float(), ref, rtol=1e-6, atol=0)  # the model's loss is fp32
 
 
@@ -109,8 +105,6 @@ def test_microbatch_mean_differs_as_documented(model64, samples):
 
 
 def test_aux_loss_weights_average_over_the_step():
-    from vlmtune.train.loss import MicroBatchCounts, StepNormalizers, aux_loss_weight
-
     counts = [MicroBatchCounts(tokens=3, samples=1), MicroBatchCounts(tokens=9, samples=3)]
     other_rank = [MicroBatchCounts(tokens=4, samples=2), MicroBatchCounts(tokens=0, samples=0)]
     norm = StepNormalizers(tokens=16, samples=6, microbatches=4)  # what the all-reduce gives for both ranks
@@ -129,9 +123,10 @@ def test_moe_aux_loss_joins_the_loss_with_the_router_coefficient(samples):
     batch = pack(samples)
     c = count_labels(batch)
     norm = step_normalizers([c])
+    w, aux_w = token_weights(batch, c, norm, "token_mean"), aux_loss_weight(c, norm, "token_mean")
     with torch.no_grad():
-        total = TrainModule(model, "token_mean", 4, aux_coef=0.25)(batch, c, norm)
-        lm_only = TrainModule(model, "token_mean", 4, aux_coef=0.0)(batch, c, norm)
+        total = TrainModule(model, 4, aux_coef=0.25)(batch, w, aux_w)
+        lm_only = TrainModule(model, 4, aux_coef=0.0)(batch, w, aux_w)
         aux = model.aux_loss()
     assert aux is not None and float(aux) > 0
     assert float(total) == pytest.approx(float(lm_only) + 0.25 * float(aux), rel=1e-12)

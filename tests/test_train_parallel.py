@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from test_train_utils import run_config
+from vlmtune.demo import make_dataset
 from vlmtune.train.config import from_dict
-from vlmtune.train.demo import make_dataset
 from vlmtune.train.metrics import read_metrics
 from vlmtune.train.trainer import train
 
@@ -180,9 +180,9 @@ def test_two_nodes_on_loopback_match_one_process(tmp_path, dense_ckpt, dataset, 
 
 
 def test_pipeline_limits_are_clear_errors(dense_ckpt):
+    from vlmtune.errors import ParallelError
     from vlmtune.models.qwen3_vl import load_config
     from vlmtune.parallel.layout import ParallelConfig, resolve
-    from vlmtune.parallel.tensor import ParallelConfigError
 
-    with pytest.raises(ParallelConfigError, match="needs parallel.llm_pp_layers, e.g. \\[1, 1\\]"):
+    with pytest.raises(ParallelError, match="needs parallel.llm_pp_layers, e.g. \\[1, 1\\]"):
         resolve(ParallelConfig(pp=2), 2, load_config(dense_ckpt))

@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_train_utils import grads, max_rel_diff, pack, random_sample, small_vocab_model
+from test_train_utils import grads, max_rel_diff, pack, random_sample, run_step, small_vocab_model, step_loss
 from vlmtune.parallel.fsdp import apply_activation_checkpointing
 from vlmtune.train.config import TrainConfig
 from vlmtune.train.freeze import GROUP_PREFIXES, apply_freeze, freeze_groups
 from vlmtune.train.optim import build_optimizer, lr_factor
-from vlmtune.train.step import TrainModule, forward_backward, train_step
+from vlmtune.train.step import TrainModule
+from vlmtune.train.trainer import accumulation_steps, total_steps
 
 CPU = torch.device("cpu")
 
@@ -55,7 +56,7 @@ def test_frozen_group_unchanged_and_without_optimizer_state(group):
     optimizer = build_optimizer(model, cfg)
     root = TrainModule(model, chunk_size=8)
     for step in range(2):
-        train_step(root, optimizer, batches(), device=CPU, dp_size=1, clip_grad=1.0, on_nan="stop", step=step)
+        run_step(root, optimizer, batches(), step=step)
     frozen = set(freeze_groups(model)[group])
     with_state = {id(p) for p in optimizer.state}
     for name, p in model.named_parameters():
@@ -77,19 +78,19 @@ def test_per_group_learning_rates():
     assert all(g["weight_decay"] == 0.0 for g in opt.param_groups if g["name"].endswith("no_decay"))
 
 
-@pytest.mark.parametrize("mode", ["full", "selective"])
+@pytest.mark.parametrize("mode", ["full", "every_other", "selective"])
 def test_activation_checkpointing_keeps_gradients(mode):
     ref = small_vocab_model(torch.float64)
-    forward_backward(TrainModule(ref, chunk_size=8), batches(), CPU, 1)
+    step_loss(TrainModule(ref, chunk_size=8), batches())
     model = small_vocab_model(torch.float64)
     names = [n for n, _ in model.named_parameters()]
     apply_activation_checkpointing(model, mode)
     assert [n for n, _ in model.named_parameters()] == names  # checkpoints keep their keys
-    forward_backward(TrainModule(model, chunk_size=8), batches(), CPU, 1)
+    step_loss(TrainModule(model, chunk_size=8), batches())
     assert max_rel_diff(grads(model), grads(ref)) <= 1e-10
 
 
-def test_non_finite_step_is_skipped_or_stops(capsys):
+def test_non_finite_step_is_skipped_or_stops(caplog):
     model = small_vocab_model(torch.float32)
     cfg = TrainConfig()
     opt = build_optimizer(model, cfg)
@@ -97,14 +98,14 @@ def test_non_finite_step_is_skipped_or_stops(capsys):
     with torch.no_grad():
         model.language_model.norm.weight[0] = float("nan")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    r = train_step(root, opt, batches(), device=CPU, dp_size=1, clip_grad=1.0, on_nan="skip", step=7)
+    r = run_step(root, opt, batches(), on_nan="skip", step=7)
     assert r.skipped
-    out = capsys.readouterr().out
-    assert "step 7: non-finite loss" in out and "sample ids: [0, 1, 2]" in out
+    out = caplog.text
+    assert "step 7: non-finite loss" in out and "sample ids: ['0', '1', '2']" in out
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]) or (torch.isnan(p).any() and torch.isnan(before[n]).any())
-    with pytest.raises(FloatingPointError, match=r"step 8: non-finite .* sample ids: \[0, 1, 2\]"):
-        train_step(root, opt, batches(), device=CPU, dp_size=1, clip_grad=1.0, on_nan="stop", step=8)
+    with pytest.raises(FloatingPointError, match=r"step 8: non-finite .* sample ids: \['0', '1', '2'\]"):
+        run_step(root, opt, batches(), on_nan="stop", step=8)
 
 
 def test_schedule_warmup_and_decay():
@@ -122,8 +123,6 @@ def test_schedule_warmup_and_decay():
 
 
 def test_accumulation_and_step_count_from_the_global_batch():
-    from vlmtune.train.trainer import accumulation_steps, total_steps
-
     cfg = TrainConfig()
     cfg.train.micro_batch_tokens = 1000
     assert accumulation_steps(cfg, 50, 400, world=2) == 1  # no global batch: one micro-batch per step

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from vlmtune.data import pack as pack_samples
 from vlmtune.models.qwen3_vl.rope import sample_positions
+from vlmtune.train.step import DataParallelStep, finish_step
 
 # Small-vocab models keep the full-vocab lm_head matmuls (and float64 gradient checks) fast.
 SMALL_VOCAB = 1024
@@ -50,21 +51,29 @@ def random_sample(seed: int, length: int, *, image: bool = False, answer: int = 
     return out
 
 
-def pack(samples: list[dict]) -> dict:
-    """Concatenate encoded samples into one packed micro-batch (the layout vlmtune.data.collate.pack makes)."""
-    lens = torch.tensor([s["input_ids"].numel() for s in samples])
-    batch = {
-        "input_ids": torch.cat([s["input_ids"] for s in samples])[None],
-        "labels": torch.cat([s["labels"] for s in samples])[None],
-        "position_ids": torch.cat([s["position_ids"] for s in samples], dim=1)[:, None],
-        "cu_seqlens": F.pad(lens.cumsum(0), (1, 0)).to(torch.int32),
-        "sample_ids": [s["sample_id"] for s in samples],
-    }
-    with_pixels = [s for s in samples if "pixel_values" in s]
-    if with_pixels:
-        batch["pixel_values"] = torch.cat([s["pixel_values"] for s in with_pixels])
-        batch["image_grid_thw"] = torch.cat([s["image_grid_thw"] for s in with_pixels])
-    return batch
+def pack(samples: list[dict]):
+    """Encoded samples -> one packed micro-batch (`vlmtune.data.pack`: a PackedBatch)."""
+    return pack_samples(samples)
+
+
+def labels_of(samples: list[dict]) -> torch.Tensor:
+    """The packed row's unshifted labels `[1, L]` (what transformers-style `labels=` takes)."""
+    return torch.cat([s["labels"] for s in samples])[None]
+
+
+def step_loss(root, micro_batches, loss_type: str = "token_mean", dp_size: int = 1, device="cpu"):
+    """Accumulate one step's gradients through the data-parallel step strategy; returns its loss."""
+    strategy = DataParallelStep(root, torch.device(device), dp_size, None, loss_type)
+    return strategy.forward_backward(micro_batches)[0]
+
+
+def run_step(
+    root, optimizer, micro_batches, *, step: int, on_nan="stop", clip_grad=1.0, dp_size=1, device="cpu"
+):
+    """One optimizer step (accumulate, clip, step); returns the StepResult."""
+    strategy = DataParallelStep(root, torch.device(device), dp_size)
+    loss, tokens, label_tokens = strategy.forward_backward(micro_batches)
+    return finish_step(optimizer, micro_batches, loss, tokens, label_tokens, clip_grad, on_nan, step)
 
 
 def grads(module) -> dict[str, torch.Tensor]:

@@ -1,22 +1,27 @@
 """`vlmtune <command>`: each command is a thin layer over the library.
 
-Each feature area registers its own subcommands from a `cli` module (`vlmtune/<area>/cli.py`) exposing
-`register(subparsers)`; a command's parser sets `func` to the function that runs it.
+Each area registers its own subcommands from its `cli` module (`register(subparsers)`); a command's parser
+sets `func` to the function that runs it. Every `VlmtuneError` (a bad config, dataset, checkpoint or layout)
+ends as one `error: <message>` line on stderr and exit status 2, on every rank; anything else is a bug and
+keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import logging
+import os
 import sys
 
-# Feature areas whose `cli.register(subparsers)` adds commands, in `--help` order.
-COMMAND_MODULES = (
-    "vlmtune.train.cli",
-    "vlmtune.infer.cli",
-    "vlmtune.data.cli",
-    "vlmtune.models.cli",
-)
+from vlmtune import demo
+from vlmtune.checkpoint import cli as checkpoint_cli
+from vlmtune.data import cli as data_cli
+from vlmtune.errors import ConfigError, VlmtuneError
+from vlmtune.infer import cli as infer_cli
+from vlmtune.train import cli as train_cli
+
+# Areas whose `register(subparsers)` adds commands, in `--help` order.
+COMMAND_MODULES = (train_cli, checkpoint_cli, infer_cli, data_cli, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,15 +30,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune Qwen3-VL vision-language models, from Hugging Face weights back to Hugging Face weights.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:  # area not built yet
-                continue
-            raise
+    for module in COMMAND_MODULES:
         module.register(sub)
     return parser
+
+
+def setup_logging() -> None:
+    """vlmtune's own log lines to stdout, plain; INFO on rank 0, warnings only on the other ranks."""
+    logger = logging.getLogger("vlmtune")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,8 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 0
+    setup_logging()
     try:
         return int(args.func(args) or 0)
+    except VlmtuneError as e:
+        hint = f"\n(see `vlmtune {args.command} --help`)" if isinstance(e, ConfigError) else ""
+        print(f"error: {e}{hint}", file=sys.stderr, flush=True)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

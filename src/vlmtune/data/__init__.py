@@ -1,7 +1,7 @@
 """Data pipeline: datasets (messages / LLaVA format) -> encoded samples -> packed, resumable micro-batches."""
 
-from .collate import pack
-from .config import DataConfig, DataConfigError
+from .batch import PackedBatch, pack
+from .config import DataConfig
 from .loader import build_loader
 from .processor import Processor, build_processor
 from .report import BadSample, SkipReport
@@ -10,7 +10,7 @@ from .samples import load_samples
 __all__ = [
     "BadSample",
     "DataConfig",
-    "DataConfigError",
+    "PackedBatch",
     "Processor",
     "SkipReport",
     "build_loader",

@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import json
-import sys
+import logging
 
 import numpy as np
+from tqdm.auto import tqdm
+
+from .config import DataConfig
+from .convert import convert_llava
+from .loader import first_fit_decreasing
+from .processor import build_processor
+from .report import BadSample, handle_bad
+from .samples import load_samples
 
 
 def register(subparsers) -> None:
@@ -54,13 +62,7 @@ def register(subparsers) -> None:
 
 
 def run_convert(args) -> int:
-    from .convert import ConvertError, convert_llava
-
-    try:
-        s = convert_llava(args.input, args.image_dir, args.output, args.dataset_dir)
-    except (ConvertError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    s = convert_llava(args.input, args.image_dir, args.output, args.dataset_dir)
     print(
         f"read {s['input']} samples; wrote {s['written']} ({s['with_images']} with images, {s['text_only']} text-only) "
         f"to {s['output']}; skipped {s['skipped_missing_image']} with a missing image"
@@ -78,12 +80,6 @@ def _percentiles(values: list[int]) -> dict:
 
 def inspect_dataset(cfg, processor, max_tokens: int) -> tuple[dict, list[int]]:
     """Report dict and per-sample lengths for `vlmtune data inspect`."""
-    from tqdm.auto import tqdm
-
-    from .loader import first_fit_decreasing
-    from .report import BadSample, handle_bad
-    from .samples import load_samples
-
     train, val, report = load_samples(cfg)
     samples = train + val
     lengths, text, visual = [], [], []
@@ -115,11 +111,6 @@ def inspect_dataset(cfg, processor, max_tokens: int) -> tuple[dict, list[int]]:
 
 
 def run_inspect(args) -> int:
-    import logging
-
-    from .config import DataConfig
-    from .processor import build_processor
-
     logging.getLogger("vlmtune.data").setLevel(logging.ERROR)  # the report below lists skips by reason
     cfg = DataConfig(
         dataset=args.dataset,
@@ -128,7 +119,7 @@ def run_inspect(args) -> int:
         cutoff_len=args.cutoff_len,
         shuffle=False,
     )
-    processor = build_processor(args.model, **cfg.processor_options())
+    processor = build_processor(args.model, cfg)
     result, lengths = inspect_dataset(cfg, processor, args.max_tokens)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -150,7 +141,7 @@ def run_inspect(args) -> int:
             f"(one rank; divide by the data-parallel size), fill {100 * result['packing_fill']:.1f}%"
         )
     if args.plot:
-        import matplotlib
+        import matplotlib  # heavy, optional: only for --plot
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt

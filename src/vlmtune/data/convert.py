@@ -6,11 +6,11 @@ import json
 import os
 from collections import Counter
 
+from tqdm.auto import tqdm
+
+from vlmtune.errors import DataError
+
 from .samples import LLAVA_ROLES, read_records
-
-
-class ConvertError(ValueError):
-    pass
 
 
 def convert_llava(input_path: str, image_dir: str, output_path: str, dataset_dir: str | None = None) -> dict:
@@ -20,22 +20,20 @@ def convert_llava(input_path: str, image_dir: str, output_path: str, dataset_dir
     what `data.dataset_dir` must be set to. Samples whose image is missing are skipped and counted; an
     unknown role stops the conversion naming the sample.
     """
-    from tqdm.auto import tqdm
-
     dataset_dir = os.path.abspath(dataset_dir or os.path.dirname(os.path.abspath(output_path)))
     records = read_records(input_path)
     counts: Counter = Counter()
     out = []
     for where, rec in tqdm(records, desc="converting", disable=len(records) < 1000):
         if not isinstance(rec, dict) or not isinstance(rec.get("conversations"), list):
-            raise ConvertError(f"{input_path}, {where}: expected an object with a 'conversations' list")
+            raise DataError(f"{input_path}, {where}: expected an object with a 'conversations' list")
         sid = rec.get("id", where)
         messages = []
         for k, turn in enumerate(rec["conversations"]):
             role = LLAVA_ROLES.get(turn.get("from")) if isinstance(turn, dict) else None
             if role is None:
                 got = turn.get("from") if isinstance(turn, dict) else turn
-                raise ConvertError(
+                raise DataError(
                     f"{input_path}, {where}: sample id {sid!r} turn {k} has unknown role {got!r}; "
                     f"expected one of {sorted(LLAVA_ROLES)}"
                 )

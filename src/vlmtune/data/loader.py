@@ -23,7 +23,10 @@ import random
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .collate import IGNORE, pack
+from vlmtune.constants import IGNORE_INDEX
+from vlmtune.errors import DataError
+
+from .batch import PackedBatch, pack
 from .config import DataConfig
 from .report import BadSample, SkipReport, handle_bad
 from .samples import sample_id, to_messages
@@ -237,7 +240,7 @@ class _BinDataset(Dataset):
     def __len__(self):
         return len(self.samples)
 
-    def __getitem__(self, item: list[int]) -> dict:
+    def __getitem__(self, item: list[int]) -> PackedBatch:
         encoded, skipped = [], []
         for i in item:
             try:
@@ -251,11 +254,11 @@ class _BinDataset(Dataset):
             encoded.append(enc)
         if not encoded:  # keep ranks in lockstep: a valid sample that trains nothing
             enc = self.processor.encode(self.samples[self.fallback], self.dataset_dir)
-            enc["labels"] = torch.full_like(enc["labels"], IGNORE)
+            enc["labels"] = torch.full_like(enc["labels"], IGNORE_INDEX)
             enc["sample_id"] = "(placeholder: every sample of this micro-batch was bad)"
             encoded.append(enc)
         batch = pack(encoded)
-        batch["_skipped"] = skipped
+        batch.skipped = skipped
         return batch
 
 
@@ -273,7 +276,7 @@ class PackedLoader:
         self.skip_report = report
         self.valid = [i for i, n in enumerate(lengths) if n is not None]
         if not self.valid:
-            raise ValueError(f"no usable samples left (skipped: {report.total}); see the skip report above")
+            raise DataError(f"no usable samples left (skipped: {report.total}); see the skip report above")
         self.epoch, self.batch_index = 0, 0
         self._plans: dict[int, list[list[int]]] = {}
         self._all_bins: dict[int, int] = {}
@@ -365,19 +368,28 @@ class PackedLoader:
             collate_fn=_identity,
         )
         for batch in loader:
-            for err in batch.pop("_skipped"):
+            for err in batch.skipped:
                 handle_bad(err, "skip", self.skip_report)
+            batch.skipped = []
             self.batch_index += 1  # before yielding: a state_dict taken now points at the next batch
             yield batch
         self.epoch, self.batch_index = self.epoch + 1, 0
 
 
-def build_loader(cfg: DataConfig, processor, *, samples, dp_rank=0, dp_size=1, seed=None, max_tokens=None):
-    """Packed micro-batch loader for this data-parallel rank (see module docstring)."""
+def build_loader(
+    cfg: DataConfig,
+    processor,
+    *,
+    samples,
+    max_tokens: int,
+    seed: int = 42,
+    dp_rank: int = 0,
+    dp_size: int = 1,
+):
+    """Packed micro-batch loader for this data-parallel rank (see module docstring): micro-batches of at most
+    `max_tokens` tokens (`train.micro_batch_tokens`), order seeded by `seed` (`train.seed`)."""
     if not 0 <= dp_rank < dp_size:
         raise ValueError(f"dp_rank {dp_rank} outside [0, dp_size={dp_size})")
-    max_tokens = max_tokens or cfg.max_tokens
-    seed = cfg.seed if seed is None else seed
     report = SkipReport()
     lengths = measure_lengths(cfg, processor, samples, report, max_tokens)
     loader = PackedLoader(

@@ -11,6 +11,7 @@ an answer starts after what the template's generation prompt adds (`<|im_start|>
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import json
 import os
 import re
@@ -18,17 +19,19 @@ import re
 import numpy as np
 import torch
 
+from vlmtune.constants import IGNORE_INDEX
 from vlmtune.models.qwen3_vl.rope import sample_positions
 
+from .config import DataConfig
 from .media import MediaOptions, image_grid, load_image, load_video, probe_image, probe_video, video_plan
 from .report import BadSample
 from .samples import PLACEHOLDER, resolve_media, to_messages
 
-IGNORE = -100
 HEADER = "<|im_start|>assistant\n"
 END = "<|im_end|>"
 IMAGE_BLOCK = re.compile(r"<\|vision_start\|><\|image_pad\|><\|vision_end\|>|<\|image_pad\|>")
 VIDEO_BLOCK = re.compile(r"<\|vision_start\|><\|video_pad\|><\|vision_end\|>|<\|video_pad\|>")
+# Encoding options (the media options are MediaOptions' fields); both come from the `data:` section.
 ENCODE_KEYS = (
     "cutoff_len",
     "train_on_prompt",
@@ -164,9 +167,9 @@ class Processor:
         trained = np.zeros(len(ids), dtype=bool)
         for a, b in spans:
             trained |= (offsets[:, 0] >= a) & (offsets[:, 1] <= b)
-        labels = torch.where(torch.from_numpy(trained), ids, torch.full_like(ids, IGNORE))
+        labels = torch.where(torch.from_numpy(trained), ids, torch.full_like(ids, IGNORE_INDEX))
         vision = (ids == self.image_token_id) | (ids == self.video_token_id)
-        labels[vision] = IGNORE
+        labels[vision] = IGNORE_INDEX
 
         if not add_generation_prompt and self.cutoff_len is not None and len(ids) > self.cutoff_len:
             ids, labels = self._truncate(ids, labels, vision)
@@ -197,7 +200,7 @@ class Processor:
                     f"(ends at token {last_vision}); raise cutoff_len or lower image/video max pixels",
                 )
         ids, labels = ids[: self.cutoff_len], labels[: self.cutoff_len]
-        if not bool((labels != IGNORE).any()):
+        if not bool((labels != IGNORE_INDEX).any()):
             raise BadSample("over_long", f"no trained token left within cutoff_len {self.cutoff_len}")
         return ids, labels
 
@@ -289,18 +292,22 @@ class Processor:
         return "".join(f"<{t:.1f} seconds>" + frame for t in plan.timestamps)
 
 
-def build_processor(model_dir: str, **options) -> Processor:
+def build_processor(model_dir: str, data: DataConfig | None = None, **options) -> Processor:
     """Processor for a checkpoint directory (tokenizer, chat template, preprocessor configs).
 
-    `options`: media options (`image_min_pixels`, `image_max_pixels`, `video_fps`, `video_min_frames`,
+    Options come from `data` (a DataConfig: its media and encoding keys) and/or keywords, keywords winning:
+    media options (`image_min_pixels`, `image_max_pixels`, `video_fps`, `video_min_frames`,
     `video_max_frames`, `video_min_pixels`, `video_max_pixels`, `max_aspect_ratio`, `image_min_side`,
     `max_source_pixels`; None keeps the checkpoint value) and encoding options (`cutoff_len`,
     `train_on_prompt`, `mask_history`, `system_prompt`, `enable_thinking`, `restrict_media_to_dataset_dir`).
     """
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy: imported when a processor is built
 
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"model directory not found: {model_dir}")
+    if data is not None:
+        keys = (*ENCODE_KEYS, *(f.name for f in dataclasses.fields(MediaOptions)))
+        options = {k: getattr(data, k) for k in keys if hasattr(data, k)} | options
     encode_opts = {k: options.pop(k) for k in ENCODE_KEYS if k in options}
     media = MediaOptions.from_checkpoint(model_dir, **options)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 from collections import Counter
 
+from vlmtune.errors import DataError
+
 log = logging.getLogger("vlmtune.data")
 
 # Reason keys, in the order the count table prints them.
@@ -30,14 +32,19 @@ REASONS = (
 )
 
 
-class BadSample(ValueError):
-    """One unusable sample. `reason` is a key of REASONS; `where` is e.g. 'line 12' or 'index 3'."""
+class BadSample(DataError):
+    """One unusable sample. `reason` is a key of REASONS; `where` is e.g. 'line 12' or 'index 3'.
+
+    Raised in DataLoader worker processes too, so it pickles (by its four fields)."""
 
     def __init__(self, reason: str, message: str, file: str | None = None, where: str | None = None):
         if reason not in REASONS:
             raise AssertionError(f"unknown bad-sample reason {reason!r}")
         self.reason, self.detail, self.file, self.where = reason, message, file, where
         super().__init__(self._text())
+
+    def __reduce__(self):
+        return (BadSample, (self.reason, self.detail, self.file, self.where))
 
     def located(self, file: str | None, where: str | None) -> BadSample:
         if self.file is None:

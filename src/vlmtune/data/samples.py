@@ -11,6 +11,8 @@ import os
 import random
 import re
 
+from vlmtune.errors import ConfigError, DataError
+
 from .config import DataConfig, split_list
 from .report import BadSample, SkipReport, handle_bad
 
@@ -160,8 +162,8 @@ def locate_dataset(path: str, dataset_dir: str) -> str:
     alt = os.path.join(dataset_dir, path)
     if os.path.isfile(alt):
         return alt
-    raise FileNotFoundError(
-        f"dataset file not found: tried {path!r} and {alt!r}; check data.dataset / dataset_dir"
+    raise DataError(
+        f"dataset file not found: tried {path!r} and {alt!r}; check data.dataset / data.dataset_dir"
     )
 
 
@@ -173,12 +175,13 @@ def _mix(samples: list[dict], ratio: float, rng: random.Random) -> list[dict]:
     return out + rng.sample(samples, rest) if rest else out
 
 
-def load_samples(cfg: DataConfig) -> tuple[list[dict], list[dict], SkipReport]:
-    """(train, validation, skip report) for a DataConfig; deterministic from `cfg.seed`."""
+def load_samples(cfg: DataConfig, seed: int = 42) -> tuple[list[dict], list[dict], SkipReport]:
+    """(train, validation, skip report) for a DataConfig; shuffling, mixing and the validation split are
+    deterministic from `seed` (the run's `train.seed`)."""
     if not cfg.dataset:
-        raise ValueError("data.dataset is empty: give one or more comma-separated .json/.jsonl files")
+        raise ConfigError("data.dataset is empty: give one or more comma-separated .json/.jsonl files")
     report = SkipReport()
-    rng = random.Random(cfg.seed)
+    rng = random.Random(seed)
     train: list[dict] = []
     for k, name in enumerate(cfg.dataset):
         part = read_dataset(locate_dataset(name, cfg.dataset_dir), cfg, report, cfg.max_samples)

@@ -7,8 +7,9 @@ from collections.abc import Callable
 
 import torch
 
-from .generate import stream
+from .generate import GREEDY, stream
 from .load import stop_token_ids
+from .sampling import SamplingOptions
 
 
 class TextStream:
@@ -43,10 +44,7 @@ class ChatSession:
         *,
         system: str | None = None,
         max_new_tokens: int = 512,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        repetition_penalty: float = 1.0,
+        sampling: SamplingOptions = GREEDY,
         eos_token_ids: list[int] | None = None,
         generator: torch.Generator | None = None,
     ):
@@ -58,13 +56,7 @@ class ChatSession:
             if eos_token_ids is not None
             else stop_token_ids(processor.tokenizer, getattr(model, "source_dir", None))
         )
-        self.options = dict(
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            repetition_penalty=repetition_penalty,
-        )
+        self.options = dict(max_new_tokens=max_new_tokens, sampling=sampling)
         self.generator = generator
         self.reset()
 

@@ -9,6 +9,13 @@ import sys
 
 import torch
 
+from vlmtune.data import DataConfig, build_processor, load_samples
+
+from .chat import ChatSession
+from .evaluate import evaluate
+from .load import load_model, processor_dir
+from .sampling import SamplingOptions
+
 HELP_MODEL = "Hugging Face checkpoint directory, or a training checkpoint directory from `vlmtune train`"
 HELP_PROCESSOR = (
     "directory with the tokenizer and preprocessor configs (default: the model directory, or the Hugging Face "
@@ -90,10 +97,6 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args):
-    from vlmtune.data import build_processor
-
-    from .load import load_model, processor_dir
-
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(args.model, dtype=args.dtype, device=device)
     processor = build_processor(args.processor or processor_dir(model, args.model))
@@ -106,8 +109,6 @@ def _fail(msg: str) -> int:
 
 
 def run_chat(args) -> int:
-    from .chat import ChatSession
-
     for path in [*args.image, *([args.video] if args.video else [])]:
         if not os.path.isfile(path):
             return _fail(f"{path}: no such file")
@@ -118,10 +119,7 @@ def run_chat(args) -> int:
             processor,
             system=args.system,
             max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            top_k=args.top_k,
-            repetition_penalty=args.repetition_penalty,
+            sampling=SamplingOptions(args.temperature, args.top_p, args.top_k, args.repetition_penalty),
             generator=torch.Generator().manual_seed(args.seed) if args.seed is not None else None,
         )
     except (OSError, ValueError, RuntimeError) as e:
@@ -180,11 +178,6 @@ def _interactive(session, images: list[str], videos: list[str]) -> int:
 
 
 def run_eval(args) -> int:
-    from vlmtune.data import load_samples
-    from vlmtune.data.config import DataConfig
-
-    from .evaluate import evaluate
-
     try:
         cfg = DataConfig(
             dataset=args.dataset,

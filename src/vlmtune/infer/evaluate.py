@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from vlmtune.constants import IGNORE_INDEX
+from vlmtune.data.batch import MEDIA_KEYS
 from vlmtune.data.report import BadSample
 from vlmtune.data.samples import to_messages
 
@@ -55,15 +57,11 @@ def answer_token_loss(model, encoded: dict) -> tuple[float, int]:
     device = next(model.parameters()).device
     labels = encoded["labels"].reshape(-1)
     targets = labels[1:].to(device)
-    keep = targets != -100
+    keep = targets != IGNORE_INDEX
     count = int(keep.sum())
     if count == 0:
         return 0.0, 0
-    media = {
-        k: encoded[k].to(device)
-        for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
-        if encoded.get(k) is not None
-    }
+    media = {k: encoded[k].to(device) for k in MEDIA_KEYS if encoded.get(k) is not None}
     out = model(
         encoded["input_ids"].reshape(1, -1).to(device),
         position_ids=encoded["position_ids"].reshape(3, 1, -1).to(device),

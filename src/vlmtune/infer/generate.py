@@ -17,12 +17,13 @@ from dataclasses import dataclass
 
 import torch
 
+from vlmtune.data.batch import MEDIA_KEYS
 from vlmtune.models.qwen3_vl import get_rope_index
 
 from .cache import KVCache
 from .sampling import SamplingOptions, choose_tokens
 
-MEDIA_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+GREEDY = SamplingOptions()
 
 
 @dataclass
@@ -87,10 +88,7 @@ def stream(
     batch: dict,
     *,
     max_new_tokens: int,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    repetition_penalty: float = 1.0,
+    sampling: SamplingOptions = GREEDY,
     eos_token_ids: Iterable[int] = (),
     generator: torch.Generator | None = None,
 ) -> Iterator[Step]:
@@ -100,7 +98,7 @@ def stream(
     `position_ids [3, B, L]` (computed from the ids and grids when absent) and the media tensors.
     A row stops after emitting one of `eos_token_ids` (the stop token is in that step's `tokens`).
     """
-    opts = SamplingOptions(temperature, top_p, top_k, repetition_penalty)
+    opts = sampling
     if max_new_tokens <= 0:
         return
     device = next(model.parameters()).device
@@ -167,10 +165,7 @@ def generate(
     batch: dict,
     *,
     max_new_tokens: int,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    repetition_penalty: float = 1.0,
+    sampling: SamplingOptions = GREEDY,
     eos_token_ids: Iterable[int] = (),
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
@@ -190,10 +185,7 @@ def generate(
         model,
         batch,
         max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        repetition_penalty=repetition_penalty,
+        sampling=sampling,
         eos_token_ids=stop,
         generator=generator,
     ):

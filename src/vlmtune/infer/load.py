@@ -8,7 +8,8 @@ import os
 
 import torch
 
-from vlmtune.models.qwen3_vl import load_pretrained
+from vlmtune.checkpoint import load_model_from_checkpoint, load_pretrained
+from vlmtune.errors import CheckpointError, ConfigError
 
 
 def _dtype(dtype) -> torch.dtype | None:
@@ -24,7 +25,7 @@ def _dtype(dtype) -> torch.dtype | None:
     }
     value = getattr(torch, aliases.get(name, name), None)
     if not isinstance(value, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+        raise ConfigError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
     return value
 
 
@@ -35,13 +36,13 @@ def is_hf_dir(path: str) -> bool:
 def load_model(path, *, dtype=None, device=None):
     """The native model in eval mode, from an HF checkpoint directory (`config.json` + safetensors) or from a
     training checkpoint written by `vlmtune train` (a step directory, or a run / checkpoints directory whose
-    `latest` pointer names one; read by `vlmtune.train.export.load_model_from_checkpoint`).
+    `latest` pointer names one).
 
     `dtype` None keeps the checkpoint's dtype; `device` None is the CPU.
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
-        raise FileNotFoundError(
+        raise CheckpointError(
             f"{path}: not a directory; pass a Hugging Face checkpoint directory (config.json + *.safetensors) "
             "or a training checkpoint directory from `vlmtune train`"
         )
@@ -50,18 +51,9 @@ def load_model(path, *, dtype=None, device=None):
         model = load_pretrained(path, dtype=dtype, device=device)
     else:
         try:
-            from vlmtune.train.export import load_model_from_checkpoint
-        except ImportError as e:
-            raise ValueError(
-                f"{path}: has no config.json, so it is not a Hugging Face checkpoint, and training checkpoints "
-                f"cannot be read here ({e}); export it with `vlmtune export {path} --out DIR` and pass DIR"
-            ) from e
-        from vlmtune.train.checkpoint import CheckpointLoadError
-
-        try:
             model = load_model_from_checkpoint(path)
-        except CheckpointLoadError as e:
-            raise ValueError(f"{e}; nor is it a Hugging Face checkpoint (no config.json)") from e
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}; nor is it a Hugging Face checkpoint (no config.json)") from e
         if dtype is not None or device is not None:
             model.to(device=device, dtype=dtype)
     return model.eval()
@@ -73,7 +65,7 @@ def processor_dir(model, model_path) -> str:
     for candidate in (getattr(model, "source_dir", None), os.fspath(model_path)):
         if candidate and os.path.isfile(os.path.join(candidate, "tokenizer_config.json")):
             return candidate
-    raise ValueError(
+    raise CheckpointError(
         f"{model_path}: no tokenizer files found with the model; pass --processor DIR "
         "(a Hugging Face directory with tokenizer_config.json and preprocessor_config.json)"
     )

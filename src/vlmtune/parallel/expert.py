@@ -23,16 +23,14 @@ import torch.distributed.nn.functional as dist_fn
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
+from vlmtune.errors import ParallelError
 from vlmtune.models.qwen3_vl.moe import Experts, grouped_mm_supported, sparse_blocks, swiglu_by_expert
-from vlmtune.parallel.tensor import ParallelConfigError
 
 
 def validate_expert_parallel(num_experts: int, ep: int) -> None:
     if num_experts % ep:
         ok = [d for d in range(1, num_experts + 1) if num_experts % d == 0]
-        raise ParallelConfigError(
-            f"parallel.ep={ep} does not divide num_experts={num_experts}; use one of {ok}"
-        )
+        raise ParallelError(f"parallel.ep={ep} does not divide num_experts={num_experts}; use one of {ok}")
 
 
 def _a2a(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
@@ -80,9 +78,7 @@ def apply_expert_parallel(model: nn.Module, ep_mesh) -> None:
     ep = ep_mesh.size()
     blocks = sparse_blocks(model)
     if not blocks:
-        raise ParallelConfigError(
-            "parallel.ep > 1 needs a MoE model (qwen3_vl_moe); this model has no experts"
-        )
+        raise ParallelError("parallel.ep > 1 needs a MoE model (qwen3_vl_moe); this model has no experts")
     validate_expert_parallel(blocks[0].num_experts, ep)
     for moe in blocks:
         ex = moe.experts

@@ -1,7 +1,12 @@
-"""FSDP2 (`fully_shard`) for Qwen3-VL: one unit per vision block and decoder layer, the rest at the root.
+"""FSDP2 (`fully_shard`) for Qwen3-VL: one unit per vision block and decoder layer, the rest at the root; and
+activation checkpointing, applied to a meta-built model from outside.
 
-The model is built on the meta device, sharded, then allocated shard by shard: each rank holds only its
-slice of every parameter, and checkpoint tensors are streamed one at a time into those slices.
+Activation checkpointing modes (`model.activation_checkpointing`):
+- `none`;
+- `selective`: recompute only the core attention (softmax(QK^T)V) of every layer, as Megatron's / MindSpeed-MM's
+  `--recompute-granularity selective` does (with FlashAttention its saved state is already small);
+- `every_other`: recompute every second block (vision blocks, then decoder layers) whole;
+- `full`: recompute every block whole (Megatron's `--recompute-granularity full --recompute-method uniform`).
 """
 
 from __future__ import annotations
@@ -9,11 +14,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor.experimental import implicit_replication
 from torch.utils.checkpoint import checkpoint
 
-from vlmtune.models.qwen3_vl import Qwen3VL, load_config
-from vlmtune.models.qwen3_vl.hf_io import load_weights
+from vlmtune.models.qwen3_vl import Qwen3VL
+from vlmtune.models.qwen3_vl.attention import CoreAttention
+
+from .expert import apply_expert_parallel
+
+AC_MODES = ("none", "selective", "every_other", "full")
 
 
 def blocks(model: Qwen3VL) -> list[nn.Module]:
@@ -22,23 +30,29 @@ def blocks(model: Qwen3VL) -> list[nn.Module]:
     return [*vision, *model.language_model.layers.values()]
 
 
+def _recompute_in_backward(module: nn.Module) -> None:
+    """Replace the module's `forward` on the instance by a checkpointed call: parameter names (and so
+    checkpoints) are unchanged, and FSDP's hooks around `__call__` see already-gathered parameters."""
+    inner = module.forward
+
+    def forward(*args, _inner=inner, **kwargs):
+        return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+    module.forward = forward
+
+
 def apply_activation_checkpointing(model: Qwen3VL, mode: str) -> None:
-    """Recompute a block's activations in backward: `full` every block, `selective` every second block.
-
-    The block's `forward` is replaced on the instance so parameter names (and checkpoints) are unchanged;
-    FSDP's hooks run around `__call__`, so the recomputation sees already-gathered parameters."""
-    if mode == "none":
-        return
-    every = {"full": 1, "selective": 2}[mode]
-    for i, block in enumerate(blocks(model)):
-        if i % every:
-            continue
-        inner = block.forward
-
-        def forward(*args, _inner=inner, **kwargs):
-            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
-
-        block.forward = forward
+    if mode not in AC_MODES:
+        raise ValueError(f"activation checkpointing mode {mode!r} is not one of {AC_MODES}")
+    if mode == "selective":
+        for m in model.modules():
+            if isinstance(m, CoreAttention):
+                _recompute_in_backward(m)
+    elif mode in ("every_other", "full"):
+        every = 1 if mode == "full" else 2
+        for i, block in enumerate(blocks(model)):
+            if i % every == 0:
+                _recompute_in_backward(block)
 
 
 def apply_fsdp(
@@ -68,28 +82,23 @@ def apply_fsdp(
     fully_shard(root, mesh=mesh, mp_policy=mp)
 
 
-def shard_and_load(
+def parallelize(
     root: nn.Module,
     model: Qwen3VL,
     info,
-    path: str,
     *,
-    device: torch.device,
     dtype: torch.dtype,
     mixed_precision: str,
     activation_checkpointing: str,
-    partial: bool = False,
 ) -> None:
-    """Expert parallelism -> activation checkpointing -> FSDP -> allocation -> streaming this rank's slices
-    of the checkpoint in (`partial`: a pipeline stage holding part of the model)."""
-    from vlmtune.parallel.expert import apply_expert_parallel
-
+    """Expert parallelism -> activation checkpointing -> FSDP over the data-parallel ranks, on a meta model
+    (`info`: the DistInfo of `parallel.mesh.init_distributed`). bf16 compute reduces gradients in fp32,
+    otherwise in the master dtype."""
     ep = info.parallel.ep > 1
     if ep:
         apply_expert_parallel(model, info.mesh["ep"])
     apply_activation_checkpointing(model, activation_checkpointing)
     compute = torch.bfloat16 if mixed_precision == "bf16" else dtype
-    # bf16 compute reduces gradients in fp32; otherwise in the master dtype.
     reduce = torch.float32 if mixed_precision == "bf16" else dtype
     apply_fsdp(
         root,
@@ -100,44 +109,3 @@ def shard_and_load(
         expert_mesh=info.expert_fsdp_mesh if ep else None,
         expert_divide_factor=float(info.dp_size) if ep else None,
     )
-    root.to_empty(device=device)
-    # A full checkpoint tensor copied into a sharded parameter keeps only this rank's slice (no comms).
-    with implicit_replication():
-        load_weights(model, path, partial=partial)
-    model.source_dir = path
-
-
-def build_sharded_model(
-    path: str,
-    root_factory,
-    info,
-    device: torch.device | None = None,
-    *,
-    dtype: torch.dtype = torch.float32,
-    mixed_precision: str = "fp32",
-    activation_checkpointing: str = "none",
-    prepare=None,
-):
-    """Meta build -> `prepare(model)` (freezing) -> tensor / expert parallelism -> checkpointing -> FSDP ->
-    per-shard allocation and loading. `info` is the DistInfo of `parallel.mesh.init_distributed`.
-
-    `root_factory(model)` wraps the model in the module whose forward the trainer calls (the FSDP root).
-    Returns (root, model)."""
-    from vlmtune.parallel.tensor import apply_tensor_parallel
-
-    device = device or info.device
-    p = info.parallel
-    args = load_config(path)
-    with torch.device("meta"):
-        model = Qwen3VL(args).to(dtype)
-    if prepare is not None:
-        prepare(model)
-    if p.tp > 1:
-        # Training never gathers logits: the chunked loss is vocab-parallel (see train/loss.py).
-        apply_tensor_parallel(model, info.mesh["tp"], gather_logits=False)
-    root = root_factory(model)
-    shard_and_load(
-        root, model, info, path, device=device, dtype=dtype, mixed_precision=mixed_precision,
-        activation_checkpointing=activation_checkpointing,
-    )  # fmt: skip
-    return root, model

@@ -13,9 +13,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vlmtune.models.qwen3_vl.config import ModelArgs
+from torch.distributed.device_mesh import init_device_mesh
+
+from vlmtune.errors import ParallelError
+from vlmtune.models.qwen3_vl import ModelArgs
 from vlmtune.options import option as _f
-from vlmtune.parallel.tensor import ParallelConfigError, validate_tensor_parallel
+
+from .expert import validate_expert_parallel
+from .pipeline import plan_stages
+from .tensor import validate_tensor_parallel
 
 
 @dataclass
@@ -43,44 +49,38 @@ def resolve(cfg: ParallelConfig, world_size: int, args: ModelArgs | None = None)
     """Fill dp_shard=-1 and check every size; errors say which sizes would work."""
     for name in ("dp_replicate", "tp", "pp", "ep"):
         if getattr(cfg, name) < 1:
-            raise ParallelConfigError(f"parallel.{name} must be >= 1, got {getattr(cfg, name)}")
+            raise ParallelError(f"parallel.{name} must be >= 1, got {getattr(cfg, name)}")
     fixed = cfg.dp_replicate * cfg.tp * cfg.pp
     if world_size % fixed:
-        raise ParallelConfigError(
+        raise ParallelError(
             f"dp_replicate x tp x pp = {fixed} does not divide the world size {world_size}; "
             f"their product must be one of {_ways(world_size)}"
         )
     dp_shard = world_size // fixed if cfg.dp_shard == -1 else cfg.dp_shard
     if fixed * dp_shard != world_size:
-        raise ParallelConfigError(
+        raise ParallelError(
             f"dp_replicate {cfg.dp_replicate} x dp_shard {dp_shard} x tp {cfg.tp} x pp {cfg.pp} = "
             f"{fixed * dp_shard}, but {world_size} processes were launched; set parallel.dp_shard: -1 or "
             f"{world_size // fixed}"
         )
     if dp_shard % cfg.ep:
-        raise ParallelConfigError(
+        raise ParallelError(
             f"parallel.ep={cfg.ep} must divide dp_shard={dp_shard} (experts are spread over data-parallel ranks); "
             f"ep can be one of {_ways(dp_shard)}"
         )
     if cfg.pp_schedule not in ("1f1b", "interleaved"):
-        raise ParallelConfigError(
-            f"parallel.pp_schedule must be '1f1b' or 'interleaved', got {cfg.pp_schedule!r}"
-        )
+        raise ParallelError(f"parallel.pp_schedule must be '1f1b' or 'interleaved', got {cfg.pp_schedule!r}")
     out = ParallelConfig(**{**cfg.__dict__, "dp_shard": dp_shard})
     if args is not None:
         if out.tp > 1:
             validate_tensor_parallel(args, out.tp)
         if out.ep > 1:
             if not args.is_moe:
-                raise ParallelConfigError("parallel.ep > 1 needs a MoE model (qwen3_vl_moe)")
-            from vlmtune.parallel.expert import validate_expert_parallel
-
+                raise ParallelError("parallel.ep > 1 needs a MoE model (qwen3_vl_moe)")
             validate_expert_parallel(args.text.num_experts, out.ep)
         if out.pp > 1:
-            from vlmtune.parallel.pipeline import plan_stages
-
             if not out.llm_pp_layers:
-                raise ParallelConfigError(
+                raise ParallelError(
                     f"parallel.pp={out.pp} needs parallel.llm_pp_layers, e.g. {even_split(args.text.num_hidden_layers, out.pp)}"
                 )
             plan_stages(
@@ -117,8 +117,6 @@ class LayoutMesh:
 
 def build_mesh(cfg: ParallelConfig, device_type: str) -> LayoutMesh:
     """The DeviceMesh of a resolved config (see the module docstring for the dimension names)."""
-    from torch.distributed.device_mesh import init_device_mesh
-
     names = ("pp", "dp_replicate", "dp_shard_mod_ep", "ep", "tp")
     shape = (cfg.pp, cfg.dp_replicate, cfg.dp_shard // cfg.ep, cfg.ep, cfg.tp)
     root = init_device_mesh(device_type, shape, mesh_dim_names=names)

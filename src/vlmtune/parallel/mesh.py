@@ -8,7 +8,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from vlmtune.parallel.layout import ParallelConfig, build_mesh, resolve
+from vlmtune.errors import ConfigError
+
+from .layout import ParallelConfig, build_mesh, resolve
 
 
 @dataclass
@@ -49,6 +51,11 @@ class DistInfo:
         )
 
 
+def world_size() -> int:
+    """Processes in this run: torchrun's WORLD_SIZE, 1 without torchrun."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_distributed(device: str = "auto", parallel: ParallelConfig | None = None, args=None) -> DistInfo:
     """Reads WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT (set by torchrun). Without them this is a
     world of one, still with a process group so the same FSDP code path runs everywhere. NCCL on GPUs,
@@ -59,7 +66,9 @@ def init_distributed(device: str = "auto", parallel: ParallelConfig | None = Non
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is visible; set train.device=cpu")
+        raise ConfigError(
+            "train.device: cuda, but no CUDA device is visible; set train.device: cpu (or auto)"
+        )
     layout = resolve(parallel or ParallelConfig(), world, args)  # before any process group: errors come early
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:

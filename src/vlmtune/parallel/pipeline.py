@@ -21,11 +21,15 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B
 
+from vlmtune.constants import IGNORE_INDEX
+from vlmtune.errors import ParallelError
 from vlmtune.models.qwen3_vl import Qwen3VL
 from vlmtune.models.qwen3_vl.attention import build_mask
 from vlmtune.models.qwen3_vl.rope import text_rope_cos_sin
-from vlmtune.parallel.tensor import ParallelConfigError
+
+from .loss import position_losses
 
 
 @dataclass
@@ -39,20 +43,20 @@ def plan_stages(
     num_layers: int, vision_depth: int, llm_pp_layers: list[int], vit_pp_layers: list[int] | None, pp: int
 ):
     if sum(llm_pp_layers) != num_layers:
-        raise ParallelConfigError(
+        raise ParallelError(
             f"parallel.llm_pp_layers {llm_pp_layers} sums to {sum(llm_pp_layers)}; the model has {num_layers} "
             "decoder layers"
         )
     n = len(llm_pp_layers)
     if n % pp:
-        raise ParallelConfigError(f"parallel.llm_pp_layers has {n} stages; it must be a multiple of pp={pp}")
+        raise ParallelError(f"parallel.llm_pp_layers has {n} stages; it must be a multiple of pp={pp}")
     vit = vit_pp_layers or [vision_depth] + [0] * (n - 1)
     if len(vit) != n or sum(vit) != vision_depth:
-        raise ParallelConfigError(
+        raise ParallelError(
             f"parallel.vit_pp_layers {vit} must have {n} entries summing to the vision depth {vision_depth}"
         )
     if vit[0] != vision_depth:
-        raise ParallelConfigError(
+        raise ParallelError(
             f"parallel.vit_pp_layers {vit}: the vision tower must be entirely on the first stage, e.g. "
             f"{[vision_depth] + [0] * (n - 1)}"
         )
@@ -94,7 +98,7 @@ class PipelineStageModule(nn.Module):
             media = self.media[int(mb_index.view(-1)[0])] if self.media else {}
             h, visual_index, ds = model.embed(input_ids, **media)
             if not media and self.dummy_vision and model.visual is not None:
-                h = h + 0.0 * dummy_vision_pass(model.visual, h.device).to(h.dtype)
+                h = h + 0.0 * model.visual.dummy_pass(h.device).to(h.dtype)
             if ds is not None:
                 d = h.shape[-1]
                 dense = h.new_zeros(len(ds), h.shape[1], d)
@@ -121,27 +125,7 @@ class PipelineStageModule(nn.Module):
             return (*out, deepstack) if self.carry_deepstack else out
         h = model.language_model.norm(h)
         # A fresh tensor, not a view: FSDP hooks the stage output for its backward.
-        return token_losses(h[0], model.lm_head.weight, labels[0], self.chunk_size).unsqueeze(0).clone()
-
-
-def dummy_vision_pass(visual, device) -> torch.Tensor:
-    """Sum of the vision tower's (and every DeepStack merger's) output on a 1 x merge x merge dummy grid."""
-    merge = visual.args.spatial_merge_size
-    dtype = visual.patch_embed.proj.weight.dtype
-    patches = torch.zeros(merge * merge, visual.args.patch_dim, device=device, dtype=dtype)
-    feats, deepstack = visual(patches, torch.tensor([[1, merge, merge]], device=device))
-    return feats.float().sum() + sum(d.float().sum() for d in deepstack)
-
-
-def token_losses(
-    hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, chunk: int
-) -> torch.Tensor:
-    """Per-position cross-entropy `[L]`, 0 where target is -100, computed `chunk` rows at a time."""
-    from vlmtune.train.loss import chunked_token_losses
-
-    out = hidden.new_zeros(target.shape[0], dtype=torch.float32)
-    keep = target != -100
-    return out.masked_scatter(keep, chunked_token_losses(hidden[keep], weight, target[keep], chunk))
+        return position_losses(h[0], model.lm_head.weight, labels[0], self.chunk_size).unsqueeze(0).clone()
 
 
 def build_pipeline(
@@ -166,8 +150,6 @@ def build_pipeline(
     Stage shapes are given statically (no metadata inference run on placeholder inputs).
     Returns (schedule, stage_modules).
     """
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B
-
     pp, rank = pp_mesh.size(), pp_mesh.get_local_rank()
     probe = model_factory()
     plans = plan_stages(
@@ -175,9 +157,9 @@ def build_pipeline(
     )
     n_stages = len(plans)
     if schedule == "1f1b" and n_stages != pp:
-        raise ParallelConfigError(f"schedule 1f1b needs exactly pp={pp} stages, llm_pp_layers has {n_stages}")
+        raise ParallelError(f"schedule 1f1b needs exactly pp={pp} stages, llm_pp_layers has {n_stages}")
     if schedule == "interleaved" and (n_stages < 2 * pp or n_microbatches % pp):
-        raise ParallelConfigError(
+        raise ParallelError(
             f"the interleaved schedule needs >= 2 stages per rank (llm_pp_layers has {n_stages} for pp={pp}) "
             f"and micro-batches divisible by pp (got {n_microbatches})"
         )
@@ -212,7 +194,7 @@ def build_pipeline(
     elif schedule == "interleaved":
         sched = ScheduleInterleaved1F1B(stages, n_microbatches, loss_fn=loss_fn, scale_grads=False)
     else:
-        raise ParallelConfigError(f"parallel.pp_schedule must be '1f1b' or 'interleaved', got {schedule!r}")
+        raise ParallelError(f"parallel.pp_schedule must be '1f1b' or 'interleaved', got {schedule!r}")
     return sched, modules
 
 
@@ -239,87 +221,22 @@ def _stage_io(length: int, d: int, n_ds: int, dtype, device, *, first: bool, car
     return out
 
 
-def build_sharded_pipeline(
-    path: str,
-    info,
-    *,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    n_microbatches: int,
-    length: int,
-    dtype: torch.dtype = torch.float32,
-    mixed_precision: str = "fp32",
-    activation_checkpointing: str = "none",
-    prepare=None,
-    chunk_size: int = 4096,
-):
-    """This rank's pipeline stage for training: meta build -> `prepare` (freezing) -> prune to the stage ->
-    expert parallelism -> activation checkpointing -> FSDP over the data-parallel ranks -> allocation and
-    loading of the stage's own tensors. Returns (schedule, stage modules)."""
-    from vlmtune.models.qwen3_vl import load_config
-    from vlmtune.parallel.fsdp import shard_and_load
-
-    p = info.parallel
-    args = load_config(path)
-    compute = torch.bfloat16 if mixed_precision == "bf16" else dtype  # activations between stages
-
-    def factory() -> Qwen3VL:
-        with torch.device("meta"):
-            model = Qwen3VL(args).to(dtype)
-        if prepare is not None:
-            prepare(model)
-        return model
-
-    def wrap(stage: PipelineStageModule) -> nn.Module:
-        shard_and_load(
-            stage, stage.model, info, path, device=info.device, dtype=dtype, mixed_precision=mixed_precision,
-            activation_checkpointing=activation_checkpointing, partial=True,
-        )  # fmt: skip
-        stage.dummy_vision, stage.chunk_size = True, chunk_size
-        return stage
-
-    return build_pipeline(
-        factory,
-        info.mesh["pp"],
-        llm_pp_layers=p.llm_pp_layers,
-        vit_pp_layers=p.vit_pp_layers or None,
-        n_microbatches=n_microbatches,
-        loss_fn=loss_fn,
-        schedule=p.pp_schedule,
-        length=length,
-        device=info.device,
-        dtype=compute,
-        wrap=wrap,
-    )
-
-
-def stack_microbatches(batches: list[dict], length: int, pad_id: int = 0) -> tuple[tuple, list[dict]]:
-    """Packed micro-batches -> the schedule's whole-batch args (each chunked along dim 0; positions are
-    `[M, 3, L]`) and the per-micro-batch media list for the first stage. Each row is padded to `length`."""
-    from vlmtune.models.qwen3_vl.model import shift_labels
-
-    ids, pos, seq, lab, media = [], [], [], [], []
+def stack_microbatches(batches: list, length: int, pad_id: int = 0) -> tuple[tuple, list[dict]]:
+    """Packed micro-batches (`PackedBatch`) -> the schedule's whole-batch args (each chunked along dim 0;
+    positions are `[M, 3, L]`) and the per-micro-batch media list for the first stage. Each row is padded to
+    `length`; padding is its own sample and trains nothing."""
+    pad_row = torch.nn.functional.pad
+    ids, pos, seq, tgt, media = [], [], [], [], []
     for b in batches:
-        n = b["input_ids"].shape[1]
+        n = b.num_tokens
         if n > length:
             raise ValueError(f"micro-batch of {n} tokens exceeds the pipeline length {length}")
         pad = length - n
-        cu = b.get("cu_seqlens")
-        n_seq = 1 if cu is None else len(cu) - 1
-        seg = (
-            torch.zeros(n, dtype=torch.long)
-            if cu is None
-            else torch.bucketize(torch.arange(n), cu[1:].long(), right=True)
-        )
-        ids.append(torch.nn.functional.pad(b["input_ids"], (0, pad), value=pad_id))
-        pos.append(torch.nn.functional.pad(b["position_ids"], (0, pad)).transpose(0, 1))  # [1, 3, L]
-        seq.append(torch.cat([seg, torch.full((pad,), n_seq)]).unsqueeze(0))
-        lab.append(torch.nn.functional.pad(shift_labels(b["labels"], cu), (0, pad), value=-100))
-        media.append(
-            {
-                k: b[k]
-                for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
-                if b.get(k) is not None
-            }
-        )
+        seg = torch.bucketize(torch.arange(n), b.cu_seqlens[1:].long(), right=True)
+        ids.append(pad_row(b.input_ids, (0, pad), value=pad_id))
+        pos.append(pad_row(b.position_ids, (0, pad)).transpose(0, 1))  # [1, 3, L]
+        seq.append(torch.cat([seg, torch.full((pad,), len(b.cu_seqlens) - 1)]).unsqueeze(0))
+        tgt.append(pad_row(b.targets, (0, pad), value=IGNORE_INDEX))
+        media.append(b.media())
     mb_index = torch.arange(len(batches)).view(-1, 1)
-    return (torch.cat(ids), torch.cat(pos), torch.cat(seq), torch.cat(lab), mb_index), media
+    return (torch.cat(ids), torch.cat(pos), torch.cat(seq), torch.cat(tgt), mb_index), media

@@ -22,12 +22,8 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from vlmtune.models.qwen3_vl import Qwen3VL
-from vlmtune.models.qwen3_vl.config import ModelArgs
-
-
-class ParallelConfigError(ValueError):
-    """A parallel layout that cannot work for this model; the message says what would."""
+from vlmtune.errors import ParallelError
+from vlmtune.models.qwen3_vl import ModelArgs, Qwen3VL
 
 
 def _divisors_note(name: str, n: int) -> str:
@@ -47,9 +43,7 @@ def validate_tensor_parallel(args: ModelArgs, tp: int) -> None:
         checks.append(("num_experts", args.text.num_experts))
     for name, n in checks:
         if n % tp:
-            raise ParallelConfigError(
-                f"parallel.tp={tp} does not divide {name}={n}; {_divisors_note(name, n)}"
-            )
+            raise ParallelError(f"parallel.tp={tp} does not divide {name}={n}; {_divisors_note(name, n)}")
 
 
 def _decoder_plan(layer) -> dict:

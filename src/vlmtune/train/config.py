@@ -1,7 +1,7 @@
 """Training config: one YAML file + dotted overrides -> validated dataclasses.
 
 Every key has a default and a one-line help (`vlmtune train --help` prints them all). Validation runs
-before anything starts: an unknown key, a wrong type or an impossible combination raises `TrainConfigError`
+before anything starts: an unknown key, a wrong type or an impossible combination raises `ConfigError`
 naming the key and what is allowed.
 """
 
@@ -9,20 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 
 import yaml
 
+from vlmtune.data.config import DataConfig
+from vlmtune.errors import ConfigError
+from vlmtune.options import build_section, check_type, describe_section
 from vlmtune.options import option as _f
+from vlmtune.parallel.fsdp import AC_MODES
 from vlmtune.parallel.layout import ParallelConfig
-
-
-class TrainConfigError(ValueError):
-    """A training config that cannot run; the message names the key and what is allowed."""
 
 
 @dataclass
@@ -34,8 +31,9 @@ class ModelConfig:
     )
     activation_checkpointing: str = _f(
         "none",
-        "recompute activations in backward: none, selective (every 2nd block) or full (every block)",
-        ("none", "selective", "full"),
+        "recompute in backward: none; selective (the core attention of every layer, Megatron's meaning); "
+        "every_other (every 2nd block whole); full (every block whole)",
+        AC_MODES,
     )
 
 
@@ -68,7 +66,7 @@ class TrainSection:
     global_batch_tokens: int = _f(0, "tokens per optimizer step over all ranks; sets the accumulation")
     global_batch_samples: int = _f(0, "samples per optimizer step over all ranks (approximate: packed)")
     micro_batch_tokens: int = _f(4096, "token budget of one packed micro-batch")
-    seed: int = _f(42, "seed for model-independent randomness (data order, dropout)")
+    seed: int = _f(42, "seed for everything random: data order, validation split, mixing, dropout")
     mixed_precision: str = _f(
         "fp32", "compute dtype; bf16 keeps fp32 master weights and reductions", ("fp32", "bf16")
     )
@@ -125,6 +123,7 @@ SECTIONS = {
     "model": ModelConfig,
     "freeze": FreezeConfig,
     "optim": OptimConfig,
+    "data": DataConfig,
     "train": TrainSection,
     "loss": LossConfig,
     "checkpoint": CheckpointConfig,
@@ -140,7 +139,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    data: typing.Any = None  # vlmtune.data.config.DataConfig
+    data: DataConfig = field(default_factory=DataConfig)
     train: TrainSection = field(default_factory=TrainSection)
     loss: LossConfig = field(default_factory=LossConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -150,82 +149,22 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         out = {"output_dir": self.output_dir}
-        for name in (*SECTIONS, "data"):
-            value = getattr(self, name)
-            out[name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+        for name in SECTIONS:
+            out[name] = dataclasses.asdict(getattr(self, name))
         return out
 
 
 # ----------------------------------------------------------------------------------------------------
-def _check_type(key: str, value, annotation):
-    """Return `value` coerced to the field's type, or raise naming the key."""
-    hints = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
-    if value is None and type(None) in hints:
-        return None
-    for t in hints:
-        if t is bool and isinstance(value, bool):
-            return value
-        if t is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if t is float and isinstance(value, str):  # PyYAML reads `3e-4` (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if t is str and isinstance(value, str):
-            return value
-        if t is list and isinstance(value, list):
-            return value
-    names = " or ".join("null" if t is type(None) else t.__name__ for t in hints)
-    raise TrainConfigError(f"{key}: expected {names}, got {value!r} ({type(value).__name__})")
-
-
-def _build_section(name: str, cls, raw) -> object:
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise TrainConfigError(f"{name}: expected a mapping of keys, got {raw!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, value in raw.items():
-        if key not in fields:
-            raise TrainConfigError(f"{name}.{key}: unknown key; allowed: {', '.join(fields)}")
-        value = _check_type(f"{name}.{key}", value, hints[key])
-        choices = fields[key].metadata.get("choices")
-        if choices and value not in choices:
-            raise TrainConfigError(f"{name}.{key}: {value!r} is not one of {', '.join(map(str, choices))}")
-        kwargs[key] = value
-    return cls(**kwargs)
-
-
-def _build_data(raw):
-    from vlmtune.data.config import DataConfig
-
-    raw = dict(raw or {})
-    known = {f.name for f in dataclasses.fields(DataConfig)}
-    for key in raw:
-        if key not in known:
-            raise TrainConfigError(f"data.{key}: unknown key; allowed: {', '.join(sorted(known))}")
-    try:
-        return DataConfig(**raw)
-    except (TypeError, ValueError) as e:
-        raise TrainConfigError(f"data: {e}") from e
-
-
 def from_dict(raw: dict, *, check_paths: bool = True) -> TrainConfig:
     if not isinstance(raw, dict):
-        raise TrainConfigError(f"the config must be a mapping of sections, got {type(raw).__name__}")
-    allowed = ("output_dir", "data", *SECTIONS)
+        raise ConfigError(f"the config must be a mapping of sections, got {type(raw).__name__}")
+    allowed = ("output_dir", *SECTIONS)
     for key in raw:
         if key not in allowed:
-            raise TrainConfigError(f"{key}: unknown section; allowed: {', '.join(allowed)}")
-    cfg = TrainConfig(output_dir=_check_type("output_dir", raw.get("output_dir", ""), str))
+            raise ConfigError(f"{key}: unknown section; allowed: {', '.join(allowed)}")
+    cfg = TrainConfig(output_dir=check_type("output_dir", raw.get("output_dir", ""), str))
     for name, cls in SECTIONS.items():
-        setattr(cfg, name, _build_section(name, cls, raw.get(name)))
-    cfg.data = _build_data(raw.get("data"))
+        setattr(cfg, name, build_section(name, cls, raw.get(name)))
     validate(cfg, check_paths=check_paths)
     return cfg
 
@@ -233,65 +172,65 @@ def from_dict(raw: dict, *, check_paths: bool = True) -> TrainConfig:
 def validate(cfg: TrainConfig, *, check_paths: bool = True) -> None:
     """Cross-key checks: combinations that cannot run."""
     if not cfg.output_dir:
-        raise TrainConfigError("output_dir: required (the directory everything the run writes goes to)")
+        raise ConfigError("output_dir: required (the directory everything the run writes goes to)")
     if not cfg.model.init_from_hf:
-        raise TrainConfigError("model.init_from_hf: required (a Hugging Face Qwen3-VL checkpoint directory)")
+        raise ConfigError("model.init_from_hf: required (a Hugging Face Qwen3-VL checkpoint directory)")
     if check_paths and not os.path.exists(os.path.join(cfg.model.init_from_hf, "config.json")):
-        raise TrainConfigError(f"model.init_from_hf: no config.json in {cfg.model.init_from_hf!r}")
+        raise ConfigError(f"model.init_from_hf: no config.json in {cfg.model.init_from_hf!r}")
+    if not cfg.data.dataset:
+        raise ConfigError("data.dataset: required (one or more comma-separated .json / .jsonl files)")
     t, o = cfg.train, cfg.optim
     if (t.train_iters > 0) == (t.epochs > 0):
-        raise TrainConfigError(
-            "train.train_iters / train.epochs: set exactly one of them to a positive value"
-        )
+        raise ConfigError("train.train_iters / train.epochs: set exactly one of them to a positive value")
     if t.train_iters < 0 or t.epochs < 0:
-        raise TrainConfigError("train.train_iters / train.epochs: must not be negative")
+        raise ConfigError("train.train_iters / train.epochs: must not be negative")
     if t.global_batch_tokens > 0 and t.global_batch_samples > 0:
-        raise TrainConfigError("train.global_batch_tokens / train.global_batch_samples: set at most one")
+        raise ConfigError("train.global_batch_tokens / train.global_batch_samples: set at most one")
     if t.global_batch_tokens < 0 or t.global_batch_samples < 0:
-        raise TrainConfigError("train.global_batch_tokens / train.global_batch_samples: must not be negative")
+        raise ConfigError("train.global_batch_tokens / train.global_batch_samples: must not be negative")
     if t.micro_batch_tokens <= 0:
-        raise TrainConfigError("train.micro_batch_tokens: must be positive")
+        raise ConfigError("train.micro_batch_tokens: must be positive")
     if t.global_batch_tokens and t.global_batch_tokens < t.micro_batch_tokens:
-        raise TrainConfigError("train.global_batch_tokens: must be at least train.micro_batch_tokens")
+        raise ConfigError("train.global_batch_tokens: must be at least train.micro_batch_tokens")
     if cfg.freeze.vision_encoder and cfg.freeze.vision_projector and cfg.freeze.text_decoder:
-        raise TrainConfigError("freeze: all three groups frozen leaves nothing to train")
+        raise ConfigError("freeze: all three groups frozen leaves nothing to train")
     if o.lr <= 0:
-        raise TrainConfigError("optim.lr: must be positive")
+        raise ConfigError("optim.lr: must be positive")
     for key in ("vision_encoder_lr", "vision_projector_lr"):
         if getattr(o, key) is not None and getattr(o, key) < 0:
-            raise TrainConfigError(f"optim.{key}: must be >= 0 or null")
+            raise ConfigError(f"optim.{key}: must be >= 0 or null")
     if len(o.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in o.betas):
-        raise TrainConfigError(f"optim.betas: expected two numbers in [0, 1), got {o.betas!r}")
+        raise ConfigError(f"optim.betas: expected two numbers in [0, 1), got {o.betas!r}")
     if o.warmup_steps < 0 or not 0 <= o.warmup_fraction < 1:
-        raise TrainConfigError("optim.warmup_steps >= 0 and 0 <= optim.warmup_fraction < 1 required")
+        raise ConfigError("optim.warmup_steps >= 0 and 0 <= optim.warmup_fraction < 1 required")
     if o.warmup_steps > 0 and o.warmup_fraction > 0:
-        raise TrainConfigError("optim.warmup_steps / optim.warmup_fraction: set at most one")
+        raise ConfigError("optim.warmup_steps / optim.warmup_fraction: set at most one")
     if o.min_lr < 0 or o.min_lr > o.lr:
-        raise TrainConfigError(f"optim.min_lr: must be in [0, optim.lr={o.lr}]")
+        raise ConfigError(f"optim.min_lr: must be in [0, optim.lr={o.lr}]")
     if o.clip_grad < 0 or o.weight_decay < 0 or o.eps <= 0:
-        raise TrainConfigError("optim.clip_grad >= 0, optim.weight_decay >= 0 and optim.eps > 0 required")
+        raise ConfigError("optim.clip_grad >= 0, optim.weight_decay >= 0 and optim.eps > 0 required")
     if cfg.loss.aux_loss_coef is not None and cfg.loss.aux_loss_coef < 0:
-        raise TrainConfigError("loss.aux_loss_coef: must be >= 0 or null")
+        raise ConfigError("loss.aux_loss_coef: must be >= 0 or null")
     if cfg.loss.chunk_size <= 0:
-        raise TrainConfigError("loss.chunk_size: must be positive")
+        raise ConfigError("loss.chunk_size: must be positive")
     c = cfg.checkpoint
     if c.save_interval < 0 or c.keep_last < 1:
-        raise TrainConfigError("checkpoint.save_interval >= 0 and checkpoint.keep_last >= 1 required")
+        raise ConfigError("checkpoint.save_interval >= 0 and checkpoint.keep_last >= 1 required")
     if check_paths and c.load and not os.path.exists(c.load):
-        raise TrainConfigError(f"checkpoint.load: {c.load!r} does not exist")
+        raise ConfigError(f"checkpoint.load: {c.load!r} does not exist")
     for key, module in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
         if getattr(cfg.logging, key) and importlib.util.find_spec(module) is None:
-            raise TrainConfigError(f"logging.{key}: true needs `pip install {module}` (or set it to false)")
+            raise ConfigError(f"logging.{key}: true needs `pip install {module}` (or set it to false)")
     if cfg.logging.log_interval < 1:
-        raise TrainConfigError("logging.log_interval: must be >= 1")
+        raise ConfigError("logging.log_interval: must be >= 1")
     if cfg.eval.interval < 0 or cfg.eval.max_samples < 0:
-        raise TrainConfigError("eval.interval and eval.max_samples: must be >= 0")
+        raise ConfigError("eval.interval and eval.max_samples: must be >= 0")
     p = cfg.parallel
     for key in ("llm_pp_layers", "vit_pp_layers"):
         if not all(isinstance(n, int) and n >= 0 for n in getattr(p, key)):
-            raise TrainConfigError(f"parallel.{key}: expected a list of non-negative integers")
+            raise ConfigError(f"parallel.{key}: expected a list of non-negative integers")
     if t.mixed_precision == "bf16" and cfg.model.dtype == "bfloat16":
-        raise TrainConfigError("model.dtype: keep float32 master weights with train.mixed_precision=bf16")
+        raise ConfigError("model.dtype: keep float32 master weights with train.mixed_precision=bf16")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -299,7 +238,7 @@ def parse_override(text: str) -> tuple[list[str], object]:
     """`--section.key=value` (value parsed as YAML) -> (["section", "key"], value)."""
     body = text[2:] if text.startswith("--") else text
     if "=" not in body:
-        raise TrainConfigError(f"override {text!r}: expected --section.key=value")
+        raise ConfigError(f"override {text!r}: expected --section.key=value")
     key, value = body.split("=", 1)
     return key.split("."), yaml.safe_load(value) if value != "" else ""
 
@@ -310,16 +249,16 @@ def load(path: str, overrides: list[str] = (), *, check_paths: bool = True) -> T
         with open(path) as f:
             raw = yaml.safe_load(f) or {}
     except FileNotFoundError as e:
-        raise TrainConfigError(f"{path}: config file not found") from e
+        raise ConfigError(f"{path}: config file not found") from e
     except yaml.YAMLError as e:
-        raise TrainConfigError(f"{path}: invalid YAML: {e}") from e
+        raise ConfigError(f"{path}: invalid YAML: {e}") from e
     for text in overrides:
         keys, value = parse_override(text)
         node = raw
         for k in keys[:-1]:
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
-                raise TrainConfigError(f"override {text!r}: {k} is not a section")
+                raise ConfigError(f"override {text!r}: {k} is not a section")
         node[keys[-1]] = value
     return from_dict(raw, check_paths=check_paths)
 
@@ -328,20 +267,5 @@ def describe_keys() -> str:
     """Every key with its default and help, for `vlmtune train --help`."""
     lines = ["output_dir: (required) directory for checkpoints, metrics, TensorBoard, plots and hf/"]
     for name, cls in SECTIONS.items():
-        lines.append(f"{name}:")
-        for f in dataclasses.fields(cls):
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            choices = f.metadata.get("choices")
-            extra = f" [{'|'.join(choices)}]" if choices and len(choices) > 1 else ""
-            lines.append(f"  {f.name}: {json.dumps(default)}{extra}  - {f.metadata.get('help', '')}")
-    lines.append("data: (options of vlmtune.data.config.DataConfig)")
-    try:
-        from vlmtune.data.config import DataConfig
-
-        for f in dataclasses.fields(DataConfig):
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            help_text = f.metadata.get("help", "")
-            lines.append(f"  {f.name}: {json.dumps(default)}" + (f"  - {help_text}" if help_text else ""))
-    except ImportError:
-        lines.append("  (vlmtune.data is not installed)")
+        lines.extend(describe_section(name, cls))
     return "\n".join(lines)

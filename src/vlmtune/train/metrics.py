@@ -9,6 +9,8 @@ import time
 
 import torch
 
+from vlmtune.errors import VlmtuneError
+
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 
@@ -72,11 +74,11 @@ class MetricsLogger:
         os.makedirs(output_dir, exist_ok=True)
         truncate(self.path, resume_step)
         if cfg.logging.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # optional dependency (tensorboard)
 
             self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=resume_step + 1)
         if cfg.logging.wandb:
-            import wandb
+            import wandb  # optional dependency
 
             self.wandb = wandb.init(project=cfg.logging.wandb_project, dir=output_dir, config=cfg.to_dict())
 
@@ -116,14 +118,14 @@ def truncate(path: str, step: int) -> None:
 def read_metrics(output_dir: str) -> list[dict]:
     path = os.path.join(output_dir, METRICS_FILE)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no metrics; is {output_dir!r} the output_dir of a training run?")
+        raise VlmtuneError(f"{path}: no metrics; is {output_dir!r} the output_dir of a training run?")
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
 def plot(output_dir: str, out: str | None = None) -> str:
     """Loss (and validation loss) and lr against step, as a PNG; returns its path."""
-    import matplotlib
+    import matplotlib  # optional dependency, only for the plot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

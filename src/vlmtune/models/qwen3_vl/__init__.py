@@ -1,21 +1,19 @@
 """Native Qwen3-VL (dense and MoE) as plain nn.Modules."""
 
-from .config import ConfigError, ModelArgs, TextArgs, VisionArgs, args_from_hf_dict, load_config
-from .hf_io import CheckpointError, load_pretrained, save_pretrained
-from .model import ModelOutput, Qwen3VL
+from .config import ModelArgs, TextArgs, VisionArgs, args_from_hf_dict, load_config
+from .model import ModelOutput, Qwen3VL, build_model, materialize, shift_labels
 from .rope import get_rope_index
 
 __all__ = [
-    "CheckpointError",
-    "ConfigError",
     "ModelArgs",
     "ModelOutput",
     "Qwen3VL",
     "TextArgs",
     "VisionArgs",
     "args_from_hf_dict",
+    "build_model",
     "get_rope_index",
     "load_config",
-    "load_pretrained",
-    "save_pretrained",
+    "materialize",
+    "shift_labels",
 ]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 try:  # torch >= 2.10
     from torch.nn.attention.varlen import varlen_attn
@@ -110,3 +111,18 @@ def attention(
         enable_gqa=hq != k.shape[1],
     )
     return out.transpose(1, 2)
+
+
+class CoreAttention(nn.Module):
+    """`attention` as a parameter-free module, so it can be wrapped from outside: activation checkpointing's
+    `selective` mode recomputes just this (Megatron's core-attention recompute), context parallelism puts its
+    all-to-alls around it."""
+
+    def __init__(self, causal: bool):
+        super().__init__()
+        self.causal = causal
+
+    def forward(self, q, k, v, *, attention_mask=None, cu_seqlens=None, mask=None) -> torch.Tensor:
+        return attention(
+            q, k, v, causal=self.causal, attention_mask=attention_mask, cu_seqlens=cu_seqlens, mask=mask
+        )

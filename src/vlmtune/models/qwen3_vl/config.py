@@ -13,11 +13,9 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+from vlmtune.errors import ConfigError
+
 SUPPORTED_MODEL_TYPES = ("qwen3_vl", "qwen3_vl_moe")
-
-
-class ConfigError(ValueError):
-    """A config.json that cannot describe a Qwen3-VL model; the message names the key."""
 
 
 @dataclass
@@ -168,20 +166,13 @@ def _check_moe(text: TextArgs, where: str) -> None:
         )
 
 
-def args_from_hf_dict(cfg: dict[str, Any], where: str = "config.json") -> ModelArgs:
-    model_type = cfg.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ConfigError(f"{where}: 'model_type' is {model_type!r}; expected one of {SUPPORTED_MODEL_TYPES}")
-    t = _req(cfg, "text_config", where)
-    v = _req(cfg, "vision_config", where)
-    tw, vw = f"{where} text_config", f"{where} vision_config"
+def _text_args(t: dict, tw: str, is_moe: bool) -> TextArgs:
     theta, section, interleaved = _rope_fields(t, tw)
     n_heads = int(_req(t, "num_attention_heads", tw))
     hidden = int(_req(t, "hidden_size", tw))
     head_dim = int(t.get("head_dim") or hidden // n_heads)
     if sum(section) != head_dim // 2:
         raise ConfigError(f"{tw}: mrope_section {section} must sum to head_dim/2 = {head_dim // 2}")
-    is_moe = model_type == "qwen3_vl_moe"
     text = TextArgs(
         vocab_size=int(_req(t, "vocab_size", tw)),
         hidden_size=hidden,
@@ -212,6 +203,10 @@ def args_from_hf_dict(cfg: dict[str, Any], where: str = "config.json") -> ModelA
         raise ConfigError(
             f"{tw}: num_attention_heads {n_heads} is not a multiple of num_key_value_heads {text.num_key_value_heads}"
         )
+    return text
+
+
+def _vision_args(v: dict, vw: str, text: TextArgs) -> VisionArgs:
     v_rope = v.get("rope_parameters") or {}
     vision = VisionArgs(
         depth=int(_req(v, "depth", vw)),
@@ -242,6 +237,17 @@ def args_from_hf_dict(cfg: dict[str, Any], where: str = "config.json") -> ModelA
         raise ConfigError(f"{vw}: more deepstack indexes than text decoder layers")
     if vision.hidden_act not in ("gelu_pytorch_tanh", "gelu"):
         raise ConfigError(f"{vw}: 'hidden_act' {vision.hidden_act!r} is not supported")
+    return vision
+
+
+def args_from_hf_dict(cfg: dict[str, Any], where: str = "config.json") -> ModelArgs:
+    model_type = cfg.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(f"{where}: 'model_type' is {model_type!r}; expected one of {SUPPORTED_MODEL_TYPES}")
+    t = _req(cfg, "text_config", where)
+    v = _req(cfg, "vision_config", where)
+    text = _text_args(t, f"{where} text_config", model_type == "qwen3_vl_moe")
+    vision = _vision_args(v, f"{where} vision_config", text)
     # 5.x keeps tie_word_embeddings at the top; 4.57 checkpoints may carry it in text_config only.
     tie = cfg.get("tie_word_embeddings", t.get("tie_word_embeddings", False))
     return ModelArgs(

@@ -8,8 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlmtune.constants import IGNORE_INDEX
+
 from .attention import build_mask, varlen_attn
 from .config import ModelArgs
+from .moe import load_balancing_loss
 from .rope import get_rope_index, text_rope_cos_sin
 from .text import TextDecoder
 from .vision import VisionTower
@@ -24,10 +27,10 @@ class ModelOutput:
 
 
 def shift_labels(labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-    """Targets for next-token prediction: `out[:, i] = labels[:, i + 1]`, -100 at each sample's last token."""
-    out = F.pad(labels[:, 1:], (0, 1), value=-100)
+    """Targets for next-token prediction: `out[:, i] = labels[:, i + 1]`, IGNORE_INDEX at each sample's last token."""
+    out = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
     if cu_seqlens is not None:
-        out[:, (cu_seqlens[1:-1] - 1).long()] = -100
+        out[:, (cu_seqlens[1:-1] - 1).long()] = IGNORE_INDEX
     return out
 
 
@@ -41,8 +44,12 @@ class Qwen3VL(nn.Module):
         self.tie_weights()
 
     def tie_weights(self) -> None:
-        if self.args.tie_word_embeddings:
-            self.lm_head.weight = self.language_model.embed_tokens.weight
+        """One Parameter for the embedding and the lm_head (2B/4B); a pipeline stage holding only one of
+        them has nothing to tie."""
+        embed, head = self.language_model.embed_tokens, self.lm_head
+        if self.args.tie_word_embeddings and embed is not None and head is not None:
+            if head.weight is not embed.weight:
+                head.weight = embed.weight
 
     # ----------------------------------------------------------------------------------------------
     def embed(
@@ -114,24 +121,9 @@ class Qwen3VL(nn.Module):
         h, visual_index, deepstack = self.embed(
             input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
         )
-        if position_ids is None:
-            if cu_seqlens is not None:
-                raise ValueError(
-                    "packed input needs per-sample position_ids [3, 1, L] (see rope.get_rope_index)"
-                )
-            if cache is not None and cache.seq_len > 0:
-                raise ValueError("cached decoding needs explicit position_ids (the generator computes them)")
-            position_ids, _ = get_rope_index(
-                input_ids,
-                image_grid_thw,
-                video_grid_thw,
-                attention_mask,
-                image_token_id=a.image_token_id,
-                video_token_id=a.video_token_id,
-                spatial_merge_size=a.vision.spatial_merge_size,
-            )
-        if position_ids.ndim == 2:
-            position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
+        position_ids = self.positions(
+            input_ids, position_ids, image_grid_thw, video_grid_thw, attention_mask, cu_seqlens, cache
+        )
         cos, sin = text_rope_cos_sin(
             position_ids.to(h.device), a.text.head_dim, a.text.rope_theta, a.text.mrope_section, h.dtype
         )
@@ -144,49 +136,74 @@ class Qwen3VL(nn.Module):
                 lq, s, causal=True, attention_mask=attention_mask, cu_seqlens=cu_seqlens, device=h.device
             )
         h = self.language_model(
-            h,
-            cos,
-            sin,
-            visual_index=visual_index,
-            deepstack=deepstack,
-            attention_mask=attention_mask,
-            cu_seqlens=cu_seqlens,
-            mask=mask,
-            cache=cache,
-        )
+            h, cos, sin, visual_index=visual_index, deepstack=deepstack, attention_mask=attention_mask,
+            cu_seqlens=cu_seqlens, mask=mask, cache=cache,
+        )  # fmt: skip
         aux = self.aux_loss(attention_mask)
         if return_hidden:
             return ModelOutput(hidden_states=h, aux_loss=aux)
         logits = self.lm_head(h if logits_to_keep <= 0 else h[:, -logits_to_keep:])
-        loss = None
-        if labels is not None:
-            target = shift_labels(labels, cu_seqlens)
-            valid = (target != -100).sum()
-            loss = F.cross_entropy(
-                logits.float().flatten(0, 1),
-                target.flatten().to(logits.device),
-                ignore_index=-100,
-                reduction="sum",
-            ) / valid.clamp(min=1)
+        loss = None if labels is None else lm_loss(logits, shift_labels(labels, cu_seqlens))
         return ModelOutput(logits=logits, loss=loss, aux_loss=aux)
+
+    def positions(
+        self, input_ids, position_ids, image_grid_thw, video_grid_thw, attention_mask, cu_seqlens, cache
+    ):
+        """MRoPE positions `[3, B, L]`: given, or computed from the ids and grids for a plain padded batch."""
+        a = self.args
+        if position_ids is None:
+            if cu_seqlens is not None:
+                raise ValueError(
+                    "packed input needs per-sample position_ids [3, 1, L] (see rope.get_rope_index)"
+                )
+            if cache is not None and cache.seq_len > 0:
+                raise ValueError("cached decoding needs explicit position_ids (the generator computes them)")
+            position_ids, _ = get_rope_index(
+                input_ids, image_grid_thw, video_grid_thw, attention_mask, image_token_id=a.image_token_id,
+                video_token_id=a.video_token_id, spatial_merge_size=a.vision.spatial_merge_size,
+            )  # fmt: skip
+        if position_ids.ndim == 2:
+            position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
+        return position_ids
 
     def aux_loss(self, attention_mask: torch.Tensor | None = None) -> torch.Tensor | None:
         """Router load-balancing loss of the last forward, transformers' `aux_loss` (no coefficient; padding
-        rows dropped by `attention_mask`); None for dense models. Per-layer shares: each block's `last_aux_loss`."""
+        rows dropped by `attention_mask`), pooled over layers (not a sum of per-layer losses); None for dense
+        models. Per-layer shares: each block's `last_aux_loss`."""
         if not self.args.is_moe:
             return None
-        from .moe import load_balancing_loss  # pooled over layers: not a sum of per-layer losses
-
         return load_balancing_loss(self, attention_mask)
 
-    # ----------------------------------------------------------------------------------------------
-    @classmethod
-    def from_pretrained(cls, path, dtype=None, device=None) -> Qwen3VL:
-        from .hf_io import load_pretrained
 
-        return load_pretrained(path, dtype=dtype, device=device)
+def lm_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Token-mean cross-entropy (fp32) over the targets that are not IGNORE_INDEX, as transformers' loss."""
+    valid = (target != IGNORE_INDEX).sum()
+    total = F.cross_entropy(
+        logits.float().flatten(0, 1),
+        target.flatten().to(logits.device),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return total / valid.clamp(min=1)
 
-    def save_pretrained(self, out_dir, *, source_dir=None, max_shard_bytes: int = 5 * 2**30) -> None:
-        from .hf_io import save_pretrained
 
-        save_pretrained(self, out_dir, source_dir=source_dir, max_shard_bytes=max_shard_bytes)
+def build_model(args: ModelArgs, *, dtype: torch.dtype | None = None, device="meta") -> Qwen3VL:
+    """The model with uninitialised storage: built on the meta device (no memory), then allocated on
+    `device` unless that is "meta" (sharding and pruning happen in between, while it is still meta).
+    Tied embeddings are re-tied after allocation (`to_empty` makes new tensors)."""
+    with torch.device("meta"):
+        model = Qwen3VL(args)
+    if dtype is not None:
+        model = model.to(dtype)
+    if str(device) != "meta":
+        materialize(model, device)
+    return model
+
+
+def materialize(module: nn.Module, device) -> nn.Module:
+    """Allocate a meta-built module (or the root wrapping one) on `device`, uninitialised, and re-tie."""
+    module.to_empty(device=device)
+    for m in module.modules():
+        if isinstance(m, Qwen3VL):
+            m.tie_weights()
+    return module

@@ -5,24 +5,16 @@ k weights always renormalised to sum to 1 (`norm_topk_prob` is not read by trans
 
 Our expert parameters use the hub layout, `gate_up_proj [E, H, 2I]` and `down_proj [E, I, H]`: it is what
 real checkpoints store (no transpose on load or save) and it is the `x @ W[e]` operand grouped GEMM takes.
-transformers 5.x holds and saves the transpose (`[E, 2I, H]`, `[E, H, I]`); `expert_tensor_from_hf`
-converts, deciding the layout from recorded facts whenever the shape cannot tell.
+transformers 5.x holds and saves the transpose; `state_dict_adapter.py` converts.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelArgs, TextArgs
-
-# hub: gate_up_proj [E, H, 2I], down_proj [E, I, H] (hub checkpoints, transformers 4.57, our saves)
-# transformers5: gate_up_proj [E, 2I, H], down_proj [E, H, I] (transformers 5.x in memory and save_pretrained)
-HUB, TRANSFORMERS5 = "hub", "transformers5"
-LAYOUT_KEY = "vlmtune_expert_layout"  # written into config.json by our save_pretrained
+from .config import TextArgs
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
@@ -201,104 +193,3 @@ def tokens_per_expert(model: nn.Module) -> dict[str, torch.Tensor]:
         for name, m in model.named_modules()
         if isinstance(m, SparseMoE) and m.last_tokens_per_expert is not None
     }
-
-
-# ------------------------------------------------------------------------------------------------------
-# Checkpoint layouts
-
-
-def _layout_from_version(version: str) -> str:
-    major = int(str(version).split(".")[0])
-    return TRANSFORMERS5 if major >= 5 else HUB
-
-
-def recorded_layout(cfg: dict) -> tuple[str | None, str]:
-    """(layout, why) from the facts config.json records; layout None when it records none.
-
-    Our metadata counts only while `transformers_version` is absent: we drop that key on save, and
-    transformers writes it back whenever it re-saves (and re-lays out) the weights.
-    """
-    ours = cfg.get(LAYOUT_KEY)
-    version = cfg.get("transformers_version")
-    if ours is not None and version is None:
-        if ours not in (HUB, TRANSFORMERS5):
-            raise ValueError(f"'{LAYOUT_KEY}' is {ours!r}; expected '{HUB}' or '{TRANSFORMERS5}'")
-        return ours, f"'{LAYOUT_KEY}': '{ours}'"
-    if version is not None:
-        try:
-            return _layout_from_version(version), f"'transformers_version': '{version}'"
-        except ValueError:
-            raise ValueError(f"'transformers_version' {version!r} is not a version number") from None
-    return None, "no 'transformers_version' and no '" + LAYOUT_KEY + "'"
-
-
-def _hub_shape(name: str, args: ModelArgs) -> tuple[int, int, int]:
-    t = args.text
-    if name.endswith("gate_up_proj"):
-        return (t.num_experts, t.hidden_size, 2 * t.moe_intermediate_size)
-    return (t.num_experts, t.moe_intermediate_size, t.hidden_size)
-
-
-def expert_tensor_from_hf(name: str, tensor: torch.Tensor, args: ModelArgs, ctx: dict) -> torch.Tensor:
-    """A checkpoint's `mlp.experts.{gate_up_proj,down_proj}` -> our (hub) layout.
-
-    A shape that fits only one layout decides for itself; a square one (`gate_up_proj` when
-    2*moe_intermediate_size == hidden_size) is decided by the facts config.json records, and refused
-    when it records none or when another expert tensor contradicts them.
-    """
-    hub = _hub_shape(name, args)
-    t5 = (hub[0], hub[2], hub[1])
-    where = os.path.join(ctx.get("checkpoint_dir", "."), "config.json")
-    if "moe_layout" not in ctx:
-        try:
-            ctx["moe_layout"] = recorded_layout(args.hf_config)
-        except ValueError as e:
-            raise _checkpoint_error(f"{where}: {e}") from None
-    layout, why = ctx["moe_layout"]
-    shape = tuple(tensor.shape)
-    if shape not in (hub, t5):
-        raise _checkpoint_error(
-            f"{where}: '{name}' has shape {shape}; expected {hub} (hub) or {t5} (transformers 5)"
-        )
-    if hub != t5:
-        found = HUB if shape == hub else TRANSFORMERS5
-        # If this model also has a square expert tensor, the facts decide it: they must hold here too.
-        if layout is not None and found != layout and _has_square_experts(args):
-            raise _checkpoint_error(
-                f"{where}: records the {layout} expert layout ({why}) but '{name}' has the {found} shape "
-                f"{shape}; this model's square expert tensors cannot be checked by shape, so the checkpoint is "
-                f"refused. Set '{LAYOUT_KEY}' in config.json to the layout the weights use and remove "
-                f"'transformers_version'."
-            )
-        return tensor if found == HUB else tensor.transpose(1, 2).contiguous()
-    if layout is None:
-        raise _checkpoint_error(
-            f"{where}: '{name}' has shape {shape}, identical in both expert layouts "
-            f"(2*moe_intermediate_size == hidden_size), and the config records {why}. Add "
-            f'\'"{LAYOUT_KEY}": "{HUB}"\' (weights as on the Hub / transformers 4.57: gate_up_proj [E, H, 2I]) or '
-            f'\'"{LAYOUT_KEY}": "{TRANSFORMERS5}"\' (written by transformers 5 save_pretrained) to config.json.'
-        )
-    return tensor if layout == HUB else tensor.transpose(1, 2).contiguous()
-
-
-def _has_square_experts(args: ModelArgs) -> bool:
-    """A square expert matrix ([H, 2I] with 2I == H, or [I, H] with I == H) cannot reveal its layout."""
-    t = args.text
-    return 2 * t.moe_intermediate_size == t.hidden_size or t.moe_intermediate_size == t.hidden_size
-
-
-def _checkpoint_error(msg: str) -> Exception:
-    from .hf_io import CheckpointError
-
-    return CheckpointError(msg)
-
-
-def expert_tensor_to_hf(name: str, tensor: torch.Tensor, args: ModelArgs) -> torch.Tensor:
-    """Our layout is the hub layout: saved as is."""
-    return tensor
-
-
-def annotate_saved_config(cfg: dict) -> None:
-    """Record the layout we save in; drop `transformers_version` (it described the source, not our tensors)."""
-    cfg.pop("transformers_version", None)
-    cfg[LAYOUT_KEY] = HUB

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import attention
+from .attention import CoreAttention
 from .config import TextArgs
+from .moe import SparseMoE
 
 
 class RMSNorm(nn.Module):
@@ -48,6 +49,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, args.hidden_size, bias=bias)
         self.q_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
+        self.core_attention = CoreAttention(causal=True)
 
     def forward(self, x, cos, sin, *, attention_mask=None, cu_seqlens=None, mask=None, cache=None):
         b, n, _ = x.shape
@@ -57,7 +59,7 @@ class Attention(nn.Module):
         q, k = rotate(q, cos[:, None], sin[:, None]), rotate(k, cos[:, None], sin[:, None])
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        out = attention(q, k, v, causal=True, attention_mask=attention_mask, cu_seqlens=cu_seqlens, mask=mask)
+        out = self.core_attention(q, k, v, attention_mask=attention_mask, cu_seqlens=cu_seqlens, mask=mask)
         return self.o_proj(out.reshape(b, n, -1))
 
 
@@ -76,8 +78,6 @@ class MLP(nn.Module):
 
 def build_mlp(args: TextArgs, layer_idx: int) -> nn.Module:
     if args.is_sparse_layer(layer_idx):
-        from .moe import SparseMoE  # MoE checkpoints only
-
         return SparseMoE(args)
     return MLP(args.hidden_size, args.intermediate_size)
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import attention, build_mask
+from .attention import CoreAttention, build_mask
 from .config import VisionArgs
 from .rope import apply_rotary, vision_rope_cos_sin
 
@@ -23,7 +23,7 @@ def _act(name: str):
 class PatchEmbed(nn.Module):
     """The checkpoint's Conv3d with stride == kernel is a Linear over flattened patches; we store it as one.
 
-    `proj.weight` is `[D, C*T*P*P]`; hf_io reshapes the checkpoint's `[D, C, T, P, P]` on load and save.
+    `proj.weight` is `[D, C*T*P*P]`; the state-dict adapter reshapes the checkpoint's `[D, C, T, P, P]` on load and save.
     """
 
     def __init__(self, args: VisionArgs):
@@ -36,7 +36,7 @@ class PatchEmbed(nn.Module):
 
 class VisionAttention(nn.Module):
     """Checkpoints fuse q/k/v into one `qkv` Linear; we keep three so tensor parallelism can shard each by heads
-    (a row split of the fused weight would mix q, k and v). hf_io splits and fuses on load and save."""
+    (a row split of the fused weight would mix q, k and v). the state-dict adapter splits and fuses on load and save."""
 
     def __init__(self, args: VisionArgs):
         super().__init__()
@@ -45,6 +45,7 @@ class VisionAttention(nn.Module):
         self.k_proj = nn.Linear(args.hidden_size, args.hidden_size, bias=True)
         self.v_proj = nn.Linear(args.hidden_size, args.hidden_size, bias=True)
         self.proj = nn.Linear(args.hidden_size, args.hidden_size, bias=True)
+        self.core_attention = CoreAttention(causal=False)
 
     def forward(self, x, cos, sin, cu_seqlens, mask):
         n = x.shape[0]
@@ -53,7 +54,7 @@ class VisionAttention(nn.Module):
         q = apply_rotary(q.float(), cos[:, None], sin[:, None]).to(x.dtype)
         k = apply_rotary(k.float(), cos[:, None], sin[:, None]).to(x.dtype)
         q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-        out = attention(q, k, v, causal=False, cu_seqlens=cu_seqlens, mask=mask)
+        out = self.core_attention(q, k, v, cu_seqlens=cu_seqlens, mask=mask)
         return self.proj(out.reshape(n, -1))
 
 
@@ -172,3 +173,15 @@ class VisionTower(nn.Module):
                 j = a.deepstack_visual_indexes.index(int(i))
                 deepstack.append(self.deepstack_merger_list[j](x))
         return self.merger(x), deepstack
+
+    def dummy_pass(self, device) -> torch.Tensor:
+        """Sum of the tower's (and every DeepStack merger's) output on a 1 x merge x merge dummy grid.
+
+        Data-parallel training adds 0 x this to the loss of a micro-batch without images or videos: under
+        FSDP every rank must run the same sharded units forward and backward, or the ranks that saw images
+        wait forever for the others."""
+        merge = self.args.spatial_merge_size
+        dtype = self.patch_embed.proj.weight.dtype
+        patches = torch.zeros(merge * merge, self.args.patch_dim, device=device, dtype=dtype)
+        feats, deepstack = self(patches, torch.tensor([[1, merge, merge]], device=device))
+        return feats.float().sum() + sum(d.float().sum() for d in deepstack)

@@ -24,18 +24,12 @@ import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
+from vlmtune.errors import CheckpointError
 from vlmtune.models.qwen3_vl import load_config
-from vlmtune.models.qwen3_vl.hf_io import (
-    ASSET_FILES,
-    CheckpointError,
-    checkpoint_files,
-    hf_to_native_name,
-    tensors_from_hf,
-    to_hf_items,
-    write_hf_checkpoint,
-)
+from vlmtune.models.qwen3_vl.state_dict_adapter import hf_to_native_name, tensors_from_hf, to_hf_items
 
-from .checkpoint import HF_ASSETS, LATEST, resolve, step_name
+from .dcp import HF_ASSETS, publish, resolve, step_name
+from .hf import checkpoint_files, copy_assets, write_hf_checkpoint
 
 PREFIX = "model."  # the trainer saves {"model": model_state_dict, ...}: DCP keys are "model.<name>"
 
@@ -78,8 +72,7 @@ def hf_to_native(hf_dir: str, out_dir: str) -> str:
                     meta_state[PREFIX + native] = torch.empty(value.shape, dtype=dtype, device="meta")
                     sources[PREFIX + native] = (file, hf_name)
     root = os.path.join(out_dir, "checkpoints")
-    final = os.path.join(root, step_name(0))
-    tmp = final + ".tmp"
+    tmp = os.path.join(root, f".tmp_{step_name(0)}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     with warnings.catch_warnings():
@@ -92,14 +85,8 @@ def hf_to_native(hf_dir: str, out_dir: str) -> str:
             indent=2,
         )
     os.makedirs(os.path.join(tmp, HF_ASSETS))
-    for asset in ("config.json", *ASSET_FILES):
-        if os.path.exists(os.path.join(hf_dir, asset)):
-            shutil.copy2(os.path.join(hf_dir, asset), os.path.join(tmp, HF_ASSETS, asset))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    with open(os.path.join(root, LATEST), "w") as f:
-        f.write(step_name(0))
-    return final
+    copy_assets(hf_dir, os.path.join(tmp, HF_ASSETS), with_config=True)
+    return publish(tmp, root, step_name(0))
 
 
 def native_to_hf(ckpt: str, out_dir: str, *, max_shard_bytes: int = 5 * 2**30) -> str:

@@ -1,12 +1,27 @@
-"""`vlmtune convert`: Hugging Face <-> native (DCP) checkpoints, streamed tensor by tensor."""
+"""`vlmtune convert` (Hugging Face <-> native checkpoints) and `vlmtune export` (training checkpoint -> HF)."""
 
 from __future__ import annotations
 
 import argparse
-import sys
+
+from .convert import hf_to_native, native_to_hf
+from .export import export_checkpoint
 
 
 def register(subparsers) -> None:
+    _register_convert(subparsers)
+    p = subparsers.add_parser(
+        "export",
+        help="write a training checkpoint in Hugging Face format",
+        description="Load a training checkpoint (a step directory, or a run directory: its latest) and write "
+        "HF safetensors + config + tokenizer files to --out, one tensor at a time.",
+    )
+    p.add_argument("checkpoint", help="checkpoint step directory, or a run's output_dir (uses its latest)")
+    p.add_argument("--out", required=True, help="output directory for the Hugging Face checkpoint")
+    p.set_defaults(func=run_export)
+
+
+def _register_convert(subparsers) -> None:
     p = subparsers.add_parser(
         "convert",
         help="convert checkpoints between Hugging Face and native (DCP) format",
@@ -26,7 +41,7 @@ def register(subparsers) -> None:
     )
     h2n.add_argument("--hf", required=True, metavar="DIR", help="Hugging Face Qwen3-VL checkpoint directory")
     h2n.add_argument("--out", required=True, metavar="CKPT", help="output run directory")
-    h2n.set_defaults(func=_hf_to_native)
+    h2n.set_defaults(func=run_hf_to_native)
     n2h = sub.add_parser(
         "native-to-hf",
         help="native checkpoint -> HF safetensors directory that transformers loads",
@@ -40,31 +55,22 @@ def register(subparsers) -> None:
     n2h.add_argument(
         "--max-shard-gb", type=float, default=5.0, help="largest safetensors shard in GiB (default 5)"
     )
-    n2h.set_defaults(func=_native_to_hf)
+    n2h.set_defaults(func=run_native_to_hf)
 
 
-def _hf_to_native(args: argparse.Namespace) -> int:
-    from vlmtune.models.qwen3_vl import CheckpointError, ConfigError
-    from vlmtune.train.convert import hf_to_native
-
-    try:
-        out = hf_to_native(args.hf, args.out)
-    except (CheckpointError, ConfigError, OSError) as e:
-        print(f"vlmtune convert: {e}", file=sys.stderr)
-        return 2
+def run_hf_to_native(args: argparse.Namespace) -> int:
+    out = hf_to_native(args.hf, args.out)
     print(f"wrote native checkpoint {out}")
     return 0
 
 
-def _native_to_hf(args: argparse.Namespace) -> int:
-    from vlmtune.models.qwen3_vl import CheckpointError, ConfigError
-    from vlmtune.train.checkpoint import CheckpointLoadError
-    from vlmtune.train.convert import native_to_hf
-
-    try:
-        out = native_to_hf(args.checkpoint, args.out, max_shard_bytes=int(args.max_shard_gb * 2**30))
-    except (CheckpointError, ConfigError, CheckpointLoadError, OSError) as e:
-        print(f"vlmtune convert: {e}", file=sys.stderr)
-        return 2
+def run_native_to_hf(args: argparse.Namespace) -> int:
+    out = native_to_hf(args.checkpoint, args.out, max_shard_bytes=int(args.max_shard_gb * 2**30))
     print(f"wrote Hugging Face checkpoint {out}")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    out = export_checkpoint(args.checkpoint, args.out)
+    print(f"wrote Hugging Face checkpoint to {out}")
     return 0

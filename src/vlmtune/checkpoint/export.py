@@ -1,5 +1,5 @@
-"""Training checkpoint / sharded model -> Hugging Face directory (`vlmtune export`), and checkpoint loading
-for inference."""
+"""Training checkpoint / sharded model -> Hugging Face directory (`vlmtune export`), and loading a training
+checkpoint's model for inference."""
 
 from __future__ import annotations
 
@@ -11,22 +11,24 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from vlmtune.models.qwen3_vl import Qwen3VL, load_config, save_pretrained
+from vlmtune.errors import CheckpointError
+from vlmtune.models.qwen3_vl import Qwen3VL, build_model, load_config
 
-from .checkpoint import HF_ASSETS, resolve
+from .convert import native_to_hf
+from .dcp import HF_ASSETS, resolve
+from .hf import save_pretrained
 
 
 def export_model(model: Qwen3VL, out_dir: str, *, source_dir: str) -> None:
     """Gather a (possibly FSDP-sharded) model's full weights on rank 0 and write them in HF format."""
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not dist.is_initialized() or dist.get_rank() == 0:
-        with torch.device("meta"):
-            plain = Qwen3VL(model.args)
+        plain = build_model(model.args)
         plain.load_state_dict(full, assign=True, strict=False)
         plain.tie_weights()
         missing = [n for n, p in plain.named_parameters() if p.is_meta]
         if missing:
-            raise RuntimeError(f"export: weights missing from the gathered state: {missing[:5]}")
+            raise CheckpointError(f"export: weights missing from the gathered state: {missing[:5]}")
         save_pretrained(plain, out_dir, source_dir=source_dir)
     if dist.is_initialized():
         dist.barrier()
@@ -38,11 +40,7 @@ def load_model_from_checkpoint(path: str) -> Qwen3VL:
     path = resolve(os.fspath(path))
     assets = os.path.join(path, HF_ASSETS)
     args = load_config(assets)
-    with torch.device("meta"):
-        model = Qwen3VL(args)
-    dtype = _saved_dtype(path)
-    model = model.to(dtype).to_empty(device="cpu")
-    model.tie_weights()
+    model = build_model(args, dtype=_saved_dtype(path), device="cpu")
     state = {"model": model.state_dict()}
     with warnings.catch_warnings():  # "loading in a single process" is the intent here
         warnings.simplefilter("ignore", UserWarning)
@@ -61,6 +59,4 @@ def _saved_dtype(path: str) -> torch.dtype:
 
 def export_checkpoint(path: str, out_dir: str) -> str:
     """`vlmtune export`: streamed tensor by tensor (the conversion `vlmtune convert native-to-hf` runs)."""
-    from .convert import native_to_hf
-
     return native_to_hf(path, out_dir)

@@ -1,17 +1,13 @@
-"""Hugging Face checkpoint IO: key maps, streaming load onto a meta-built model, sharded save.
+"""Hugging Face checkpoints: streaming load onto a meta-built model, sharded safetensors save.
 
-Our parameter names are the transformers names without the `model.` prefix (`visual.*`,
-`language_model.*`); `lm_head.weight` is the same. Two dense-model tensors differ from checkpoints: the
-patch embedding (a Linear `[D, C*T*P*P]` here, a Conv3d `[D, C, T, P, P]` there) and the vision attention's
-fused `attn.qkv` (three `q_proj/k_proj/v_proj` Linears here, so tensor parallelism can shard each by heads).
-MoE expert tensors are converted by `moe.py`'s layout functions.
+Names and the tensors whose layout differs (patch embedding, fused vision qkv, MoE experts) are converted by
+`models/qwen3_vl/state_dict_adapter.py`; this file reads and writes the files.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from collections.abc import Iterator
 
@@ -19,8 +15,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import ModelArgs, load_config
+from vlmtune.errors import CheckpointError
+from vlmtune.models.qwen3_vl import ModelArgs, Qwen3VL, build_model, load_config
+from vlmtune.models.qwen3_vl.state_dict_adapter import (
+    hf_to_native_name,
+    saved_config,
+    tensors_from_hf,
+    to_hf_items,
+)
 
+# Tokenizer, chat template and processor files that travel with a checkpoint.
 ASSET_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -35,55 +39,15 @@ ASSET_FILES = (
     "processor_config.json",
     "generation_config.json",
 )
-_PATCH = "visual.patch_embed.proj.weight"
-_QKV = re.compile(r"^(visual\.blocks\.\d+\.attn\.)(qkv|q_proj|k_proj|v_proj)\.(weight|bias)$")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint directory that does not match the model its config describes."""
-
-
-def hf_to_native_name(hf_name: str) -> str | None:
-    if hf_name.startswith("model."):
-        return hf_name[len("model.") :]
-    if hf_name == "lm_head.weight":
-        return hf_name
-    return None
-
-
-def native_to_hf_name(name: str) -> str:
-    return name if name == "lm_head.weight" else "model." + name
-
-
-def tensors_from_hf(
-    name: str, tensor: torch.Tensor, args: ModelArgs, ctx: dict
-) -> list[tuple[str, torch.Tensor]]:
-    """One checkpoint tensor (under our name) -> the native (name, tensor) pairs it holds."""
-    if name == _PATCH:
-        return [(name, tensor.reshape(tensor.shape[0], -1))]
-    m = _QKV.match(name)
-    if m and m.group(2) == "qkv":
-        return [
-            (f"{m.group(1)}{p}.{m.group(3)}", t)
-            for p, t in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3))
-        ]
-    if args.is_moe and ".mlp.experts." in name:
-        from .moe import expert_tensor_from_hf
-
-        return [(name, expert_tensor_from_hf(name, tensor, args, ctx))]
-    return [(name, tensor)]
-
-
-def tensor_to_hf(name: str, tensor: torch.Tensor, args: ModelArgs) -> torch.Tensor:
-    """Our parameter -> checkpoint layout (the layout of real hub checkpoints)."""
-    v = args.vision
-    if name == _PATCH:
-        return tensor.reshape(-1, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
-    if args.is_moe and ".mlp.experts." in name:
-        from .moe import expert_tensor_to_hf
-
-        return expert_tensor_to_hf(name, tensor, args)
-    return tensor
+def copy_assets(src: str, dst: str, *, with_config: bool = False) -> None:
+    """Copy the tokenizer/processor files (and `config.json` when asked) that exist in `src` to `dst`."""
+    if not src or os.path.abspath(src) == os.path.abspath(dst):
+        return
+    for name in (("config.json",) if with_config else ()) + ASSET_FILES:
+        if os.path.exists(os.path.join(src, name)):
+            shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
 
 
 def checkpoint_files(path: str) -> list[str]:
@@ -115,19 +79,13 @@ def _config_dtype(args: ModelArgs) -> torch.dtype:
     return getattr(torch, str(name).replace("torch.", ""))
 
 
-def load_pretrained(path, dtype: torch.dtype | str | None = None, device=None):
+def load_pretrained(path, dtype: torch.dtype | str | None = None, device=None) -> Qwen3VL:
     """Build on the meta device, allocate once on `device`, stream tensors in one by one."""
-    from .model import Qwen3VL
-
     path = os.fspath(path)
     args = load_config(path)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    dtype = dtype or _config_dtype(args)
-    with torch.device("meta"):
-        model = Qwen3VL(args)
-    model = model.to(dtype=dtype).to_empty(device=device or "cpu")
-    model.tie_weights()
+    model = build_model(args, dtype=dtype or _config_dtype(args), device=device or "cpu")
     load_weights(model, path)
     model.source_dir = path
     return model
@@ -177,26 +135,6 @@ def hf_state_items(model) -> Iterator[tuple[str, torch.Tensor]]:
     """(hf_name, tensor) in checkpoint layout; the tied lm_head is skipped as transformers does."""
     state = model.state_dict()
     return to_hf_items(list(state), lambda name: state[name].detach(), model.args)
-
-
-def to_hf_items(names: list[str], get, args: ModelArgs) -> Iterator[tuple[str, torch.Tensor]]:
-    """Native tensors (by `get(name)`, fetched one HF tensor at a time) -> (hf_name, tensor) in checkpoint
-    layout: vision q/k/v fused into `attn.qkv`, the patch embedding as a Conv3d weight, experts in hub layout."""
-    present = set(names)
-    for name in names:
-        if name == "lm_head.weight" and args.tie_word_embeddings:
-            continue
-        m = _QKV.match(name)
-        if m:
-            if m.group(2) != "q_proj":
-                continue  # fused with q_proj below
-            parts = [f"{m.group(1)}{p}.{m.group(3)}" for p in ("q_proj", "k_proj", "v_proj")]
-            missing = [p for p in parts if p not in present]
-            if missing:
-                raise CheckpointError(f"cannot fuse {m.group(1)}qkv: {missing} missing")
-            yield native_to_hf_name(f"{m.group(1)}qkv.{m.group(3)}"), torch.cat([get(p) for p in parts])
-            continue
-        yield native_to_hf_name(name), tensor_to_hf(name, get(name), args)
 
 
 def save_pretrained(model, out_dir, *, source_dir=None, max_shard_bytes: int = 5 * 2**30) -> None:
@@ -261,23 +199,6 @@ def write_hf_checkpoint(
     stale = os.path.join(out_dir, "model.safetensors")
     if os.path.exists(stale):
         os.remove(stale)  # transformers would prefer a single file left by an earlier save
-    cfg = json.loads(json.dumps(args.hf_config))
-    dname = str(dtype).replace("torch.", "") if dtype is not None else "float32"
-    cfg["dtype"] = dname
-    if "torch_dtype" in cfg:
-        cfg["torch_dtype"] = dname
-    if not cfg.get("architectures"):
-        cfg["architectures"] = [
-            "Qwen3VLMoeForConditionalGeneration" if args.is_moe else "Qwen3VLForConditionalGeneration"
-        ]
-    if args.is_moe:
-        from .moe import annotate_saved_config
-
-        annotate_saved_config(cfg)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
-    src = source_dir
-    if src and os.path.abspath(src) != os.path.abspath(out_dir):
-        for name in ASSET_FILES:
-            if os.path.exists(os.path.join(src, name)):
-                shutil.copy2(os.path.join(src, name), os.path.join(out_dir, name))
+        json.dump(saved_config(args, dtype), f, indent=2)
+    copy_assets(source_dir, out_dir)

@@ -17,6 +17,7 @@ leaves a `.tmp_*` directory that never becomes `latest` (and is cleared by the n
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -32,15 +33,15 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from vlmtune.models.qwen3_vl.hf_io import ASSET_FILES
+from vlmtune.errors import CheckpointError
+
+from .hf import copy_assets
+
+log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 HF_ASSETS = "hf_assets"
-
-
-class CheckpointLoadError(RuntimeError):
-    pass
 
 
 def _barrier():
@@ -80,7 +81,7 @@ def resolve(path: str) -> str:
         if os.path.exists(pointer):
             with open(pointer) as f:
                 return os.path.join(base, f.read().strip())
-    raise CheckpointLoadError(
+    raise CheckpointError(
         f"{path}: not a checkpoint (no meta.json) and no {CHECKPOINTS}/{LATEST} pointer in it"
     )
 
@@ -88,7 +89,7 @@ def resolve(path: str) -> str:
 def latest(output_dir: str) -> str | None:
     try:
         return resolve(os.path.join(output_dir, CHECKPOINTS))
-    except CheckpointLoadError:
+    except CheckpointError:
         return None
 
 
@@ -143,22 +144,30 @@ def save(
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f, indent=2)
         os.makedirs(os.path.join(tmp, HF_ASSETS))
-        for asset in ("config.json", *ASSET_FILES):
-            if os.path.exists(os.path.join(source_dir, asset)):
-                shutil.copy2(os.path.join(source_dir, asset), os.path.join(tmp, HF_ASSETS, asset))
+        copy_assets(source_dir, os.path.join(tmp, HF_ASSETS), with_config=True)
     _barrier()  # every rank's shards are on disk
     if rank == 0:
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        pointer = os.path.join(root, LATEST)
-        with open(pointer + ".tmp", "w") as f:
-            f.write(name)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(pointer + ".tmp", pointer)
-        prune(root, keep_last)
+        publish(tmp, root, name, keep_last)
     _barrier()
+    return final
+
+
+def publish(tmp: str, root: str, name: str, keep_last: int | None = None) -> str:
+    """Make the finished checkpoint `tmp` the step directory `root/name` and point `latest` at it, each by an
+    atomic rename (a crash leaves either the old or the new `latest`, never a half-written one); then remove
+    checkpoints beyond `keep_last`. Used by training saves and by `vlmtune convert`."""
+    final = os.path.join(root, name)
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    pointer = os.path.join(root, LATEST)
+    with open(pointer + ".tmp", "w") as f:
+        f.write(name)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(pointer + ".tmp", pointer)
+    if keep_last is not None:
+        prune(root, keep_last)
     return final
 
 
@@ -187,11 +196,11 @@ def load(
     with open(os.path.join(path, "meta.json")) as f:
         meta = json.load(f)
     if not no_load_optim and not meta["has_optim"]:
-        raise CheckpointLoadError(
+        raise CheckpointError(
             f"{path}: saved without optimizer state (checkpoint.no_save_optim); set checkpoint.no_load_optim=true"
         )
     if not no_load_rng and not meta["has_rng"]:
-        raise CheckpointLoadError(
+        raise CheckpointError(
             f"{path}: saved without RNG state (checkpoint.no_save_rng); set checkpoint.no_load_rng=true"
         )
     state = {"model": get_model_state_dict(model)}
@@ -214,10 +223,12 @@ def load(
         if loader is not None and state.get("loader") is not None:
             loader.load_state_dict(state["loader"])
         if _rank() == 0:
-            print(
-                f"{path}: saved with {saved_dp_size} data-parallel rank(s), resuming on {my_dp_size}: the data "
-                "position continues; RNG states are not restored",
-                flush=True,
+            log.info(
+                "%s: saved with %d data-parallel rank(s), resuming on %d: the data position continues; RNG "
+                "states are not restored",
+                path,
+                saved_dp_size,
+                my_dp_size,
             )
         return meta
     rank_file = os.path.join(path, f"rank_{owners.index(my_dp_rank):05d}.pt")
