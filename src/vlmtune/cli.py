@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "vlmtune.infer.cli",
     "vlmtune.data.cli",
     "vlmtune.models.cli",
+    "vlmtune.train.mindspeed_cli",
 )
 
 
