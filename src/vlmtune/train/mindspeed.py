@@ -103,7 +103,8 @@ class _Importer:
                 old.sources += sources
                 return
             for s in sources:
-                self.unsupported(s, f"contradicts {old.sources[0].key}; vlmtune uses {target}: {old.value!r}")
+                first = old.sources[0].key if old.sources else "the default"
+                self.unsupported(s, f"contradicts {first}; vlmtune uses {target}: {old.value!r}")
             return
         m = Mapped(sources, target, value, note)
         self.report.mapped.append(m)
@@ -179,9 +180,15 @@ class _Importer:
             "train.micro_batch_tokens", m * n, [mbs, *seq], f"{m} x {n}: the same largest micro-batch, packed"
         )
         gbs = self.src.take("args.global_batch_size")
+        pp = self._by_target["parallel.pp"].value if "parallel.pp" in self._by_target else 1
         if gbs is not None:
+            g = convert(gbs, "int")
             note = "samples per optimizer step; the accumulation follows from the packed micro-batches"
-            self.put("train.global_batch_samples", convert(gbs, "int"), [gbs], note)
+            if (
+                pp > 1
+            ):  # packing means fewer micro-batches per step than MindSpeed-MM's; a pipeline needs >= pp
+                note += f"; if pp {pp} is not filled, use train.global_batch_tokens: {g * n} instead"
+            self.put("train.global_batch_samples", g, [gbs], note)
         cut = self.src.take(BP + "cutoff_len")
         limit = convert(cut, "int") if cut else DEFAULT_CUTOFF_LEN
         note = "" if cut else f"MindSpeed-MM's default {DEFAULT_CUTOFF_LEN}"

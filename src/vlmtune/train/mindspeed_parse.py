@@ -159,8 +159,8 @@ def _read_single_yaml(path: str, raw: dict, src: Sources) -> list[str]:
             _add_tree(src, path, top, value, f"{top}.")
         else:
             src.add(Setting(f"yaml.{top}", value, path, top))
-    fsdp = raw["gpt_args"].get("fsdp2_config_path")
-    return _existing([fsdp], path) if fsdp else []
+    fsdp = src.settings.get("args.fsdp2_config_path")
+    return _existing([str(fsdp.value)], path) if fsdp else []
 
 
 def _leaves(tree: dict, prefix: str):
