@@ -261,6 +261,13 @@ def test_script_following_a_yaml_and_explicit_json_files(tmp_path):
         import_mindspeed([str(alone / SH8)])
     cfg, _ = import_mindspeed([str(alone / SH8), str(FIXTURES / D8), str(FIXTURES / M8)])
     assert cfg == EXPECTED[SH8]
+    mine = json.loads(
+        (FIXTURES / D8).read_text()
+    )  # a data JSON given as FILE wins over the one MM_DATA names
+    mine["dataset_param"]["basic_parameters"]["dataset"] = "mine.json"
+    (tmp_path / "mine.json").write_text(json.dumps(mine))
+    cfg, report = import_mindspeed([str(FIXTURES / SH8), str(tmp_path / "mine.json")])
+    assert cfg["data"]["dataset"] == "mine.json" and [k for _, k in report.files].count("data JSON") == 1
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -311,7 +318,8 @@ def test_contradicting_files_and_existing_out(tmp_path, capsys):
     other = tmp_path / "other_data.json"
     other.write_text((tmp_path / D8).read_text())
     out = tmp_path / "o.yaml"
-    assert main(["config", "import-mindspeed", str(tmp_path / SH8), str(other), "--out", str(out)]) == 2
+    files = [str(tmp_path / SH8), str(tmp_path / D8), str(other)]
+    assert main(["config", "import-mindspeed", *files, "--out", str(out)]) == 2
     assert "a second data JSON" in capsys.readouterr().err
     out.write_text("keep")
     assert main(["config", "import-mindspeed", str(tmp_path / SH8), "--out", str(out)]) == 2

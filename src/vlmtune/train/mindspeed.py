@@ -184,19 +184,15 @@ class _Importer:
         if gbs is not None:
             g = convert(gbs, "int")
             note = "samples per optimizer step; the accumulation follows from the packed micro-batches"
-            if (
-                pp > 1
-            ):  # packing means fewer micro-batches per step than MindSpeed-MM's; a pipeline needs >= pp
+            if pp > 1:  # packed steps have fewer micro-batches than MindSpeed-MM's; a pipeline needs >= pp
                 note += f"; if pp {pp} is not filled, use train.global_batch_tokens: {g * n} instead"
             self.put("train.global_batch_samples", g, [gbs], note)
         cut = self.src.take(BP + "cutoff_len")
         limit = convert(cut, "int") if cut else DEFAULT_CUTOFF_LEN
         note = "" if cut else f"MindSpeed-MM's default {DEFAULT_CUTOFF_LEN}"
         if limit > m * n:
-            limit, note = (
-                m * n,
-                f"{limit} capped at train.micro_batch_tokens: a sample must fit a micro-batch",
-            )
+            note = f"{limit} capped at train.micro_batch_tokens: a sample must fit a micro-batch"
+            limit = m * n
         self.put("data.cutoff_len", limit, [cut] if cut else [], note)
         iters = self.src.take("args.eval_iters")
         if iters is not None and convert(iters, "int") == 0:
@@ -394,6 +390,8 @@ def _validate(cfg: dict, report: Report) -> None:
     try:
         from_dict(raw, check_paths=False)
     except TrainConfigError as e:
-        culprit = next((m for m in report.mapped if m.target in str(e) and m.sources), None)
+        message = str(e)
+        named = [m for m in report.mapped if m.target in message and m.sources]
+        culprit = min(named, key=lambda m: message.index(m.target), default=None)  # the key it opens with
         where = f" (from {culprit.sources[0].file}: {culprit.sources[0].key})" if culprit else ""
         raise TrainConfigError(f"the imported config does not validate: {e}{where}; fix the source") from e

@@ -40,8 +40,8 @@ Exit status 2 with `error: <file>: <key>: <what to do>` for unknown or malformed
 def register(subparsers) -> None:
     config = subparsers.add_parser(
         "config",
-        help="create and convert training configs",
-        description="Create and convert training configs.",
+        help="turn other frameworks' configs into vlmtune training configs",
+        description="Turn other frameworks' configs into vlmtune training configs.",
     )
     sub = config.add_subparsers(dest="config_command", metavar="CONFIG_COMMAND")
     config.set_defaults(func=lambda args: (config.print_help(), 0)[1])

@@ -72,19 +72,25 @@ class Sources:
 
 # ---------------------------------------------------------------------------------------------- files
 def read_sources(paths: list[str]) -> Sources:
-    """Read every file (and the data/model/YAML/FSDP2 files a script or YAML names, when they exist)."""
-    src, seen, queue = Sources(), set(), list(paths)
+    """Read every file, then the data/model/YAML/FSDP2 files a script or YAML names, when they exist and no
+    FILE of the same kind was given."""
+    src, seen, queue = Sources(), set(), [(p, False) for p in paths]
     while queue:
-        path = queue.pop(0)
+        path, followed = queue.pop(0)
         if os.path.realpath(path) in seen:
             continue
         seen.add(os.path.realpath(path))
-        kind, followed = _read_file(path, src)
-        if any(k == kind and kind != "finetune script" for _, k in src.files):
-            other = next(p for p, k in src.files if k == kind)
+        part = Sources()
+        kind, named = _read_file(path, part)
+        other = next((p for p, k in src.files if k == kind and kind != "finetune script"), None)
+        if other is not None and followed:
+            continue  # a FILE given on the command line wins over the one a script names
+        if other is not None:
             raise TrainConfigError(f"{path}: a second {kind} after {other}; pass one {kind}")
+        for setting in part.settings.values():
+            src.add(setting)
         src.files.append((path, kind))
-        queue.extend(followed)
+        queue.extend((p, True) for p in named)
     return src
 
 
