@@ -118,6 +118,10 @@ RULES = (
     Rule("args.no_*_fusion", FUSED),
     Rule("args.moe_grouped_gemm", FUSED),
     Rule(
+        "args.moe_token_dispatcher_type", "Megatron's MoE token exchange; parallel.ep exchanges by all-to-all"
+    ),
+    Rule("args.moe_permutation_async_comm", "Megatron / Ascend overlap of the MoE token exchange"),
+    Rule(
         "args.variable_seq_lengths", "vlmtune always packs variable-length samples (no padding to seq_length)"
     ),
     Rule(
