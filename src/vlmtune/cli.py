@@ -14,6 +14,7 @@ import sys
 COMMAND_MODULES = (
     "vlmtune.train.cli",
     "vlmtune.infer.cli",
+    "vlmtune.infer.verify_cli",
     "vlmtune.data.cli",
     "vlmtune.models.cli",
 )
