@@ -98,7 +98,7 @@ def compare_records(kind: str, ours: dict, ref: dict, tol: Tolerance) -> dict:
             "passed": False,
             "failures": [f"logits shape {tuple(a.shape)} vs {tuple(b.shape)}"],
         }
-    diff = (a - b).abs()
+    diff = a.sub(b).abs_()
     max_bound, mean_bound = tol.logits(b)
     row = {
         "kind": kind,
