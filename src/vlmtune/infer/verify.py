@@ -312,7 +312,9 @@ def _one_process_checks(
     transformers input by input against them."""
     dtype, tol = DTYPES[opts.dtype], Tolerance(opts.dtype)
     ours_dir = os.path.join(work, "vlmtune")
-    model = load_model(opts.model, dtype=dtype, device=opts.device)
+    # A process group the caller created outlives the parallel pass; a DCP load (training checkpoint) on
+    # rank 0 alone would wait for the other ranks, so rank 0 reads the HF export instead.
+    model = load_model(hf_dir if dist.is_initialized() else opts.model, dtype=dtype, device=opts.device)
     run_vlmtune(model, cases, ours_dir, opts.tokens, f"vlmtune ({opts.dtype}, {opts.device})", opts.progress)
     del model
     _free()
