@@ -16,6 +16,7 @@ import vlmtune.models.qwen3_vl.model as qwen_model
 from dist_utils import run_ranks
 from vlmtune.cli import main
 from vlmtune.infer.verify_compare import Tolerance, compare_checkpoints, compare_greedy
+from vlmtune.infer.verify_inputs import write_media
 from vlmtune.models.qwen3_vl.hf_io import checkpoint_files
 from vlmtune.testing import make_tiny_checkpoint
 from vlmtune.train.convert import hf_to_native
@@ -110,8 +111,6 @@ def test_bf16_passes_within_its_bound(tiny_ckpt, tmp_path, capsys):
 
 
 def test_user_samples_pass(tiny_ckpt, tmp_path, capsys):
-    from vlmtune.infer.verify_inputs import write_media
-
     media = write_media(str(tmp_path / "media"))
     rows = [
         {

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
+from tqdm import tqdm
 
 from vlmtune.models.qwen3_vl import load_config
 from vlmtune.models.qwen3_vl.hf_io import checkpoint_files, hf_to_native_name, tensors_from_hf
@@ -157,8 +158,6 @@ def compare_checkpoints(src: str, dst: str, progress: bool = False) -> dict:
     Tensors are compared in vlmtune's layout (`tensors_from_hf` on each side with that side's config), so a
     MoE checkpoint written by transformers 5 (experts transposed) is compared with its re-save in the hub
     layout value by value; every other tensor is compared as stored."""
-    from tqdm import tqdm
-
     src_args, dst_args = load_config(src), load_config(dst)
     src_files, dst_files = _tensor_files(src), _tensor_files(dst)
     src_ctx, dst_ctx = {"checkpoint_dir": src}, {"checkpoint_dir": dst}
