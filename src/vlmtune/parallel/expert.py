@@ -24,7 +24,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from vlmtune.errors import ParallelError
-from vlmtune.models.qwen3_vl.moe import Experts, grouped_mm_supported, sparse_blocks, swiglu_by_expert
+from vlmtune.models.qwen3_vl.moe import Experts, grouped_mm_supported, sparse_blocks
 
 
 def validate_expert_parallel(num_experts: int, ep: int) -> None:
@@ -64,7 +64,7 @@ def _ep_forward(self: Experts, x: torch.Tensor, index: torch.Tensor, weights: to
     grouped = self.use_grouped_mm
     if grouped is None:
         grouped = grouped_mm_supported(x, gate_up, down)
-    y_sorted = swiglu_by_expert(received[perm], gate_up, down, recv_counts.sum(0), grouped=grouped)
+    y_sorted = self.swiglu(received[perm], gate_up, down, recv_counts.sum(0), grouped=grouped)
     y = torch.empty_like(y_sorted).index_copy(0, perm, y_sorted)
     back = _a2a(y, send_splits, recv_splits, group)
     back = back * weights.reshape(-1)[order, None]
@@ -82,8 +82,7 @@ def apply_expert_parallel(model: nn.Module, ep_mesh) -> None:
     validate_expert_parallel(blocks[0].num_experts, ep)
     for moe in blocks:
         ex = moe.experts
-        for name in ("gate_up_proj", "down_proj"):
-            p = getattr(ex, name)
+        for name, p in list(ex.named_parameters(recurse=False)):  # every parameter is per expert (LoRA too)
             ex.register_parameter(
                 name,
                 nn.Parameter(distribute_tensor(p.data, ep_mesh, [Shard(0)]), requires_grad=p.requires_grad),

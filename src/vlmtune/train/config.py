@@ -21,6 +21,8 @@ from vlmtune.options import option as _f
 from vlmtune.parallel.fsdp import AC_MODES
 from vlmtune.parallel.layout import ParallelConfig
 
+from .lora import LoraConfig, validate_lora
+
 
 @dataclass
 class ModelConfig:
@@ -130,6 +132,7 @@ SECTIONS = {
     "logging": LoggingConfig,
     "eval": EvalConfig,
     "parallel": ParallelConfig,
+    "lora": LoraConfig,
 }
 
 
@@ -146,6 +149,7 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def to_dict(self) -> dict:
         out = {"output_dir": self.output_dir}
@@ -231,6 +235,7 @@ def validate(cfg: TrainConfig, *, check_paths: bool = True) -> None:
             raise ConfigError(f"parallel.{key}: expected a list of non-negative integers")
     if t.mixed_precision == "bf16" and cfg.model.dtype == "bfloat16":
         raise ConfigError("model.dtype: keep float32 master weights with train.mixed_precision=bf16")
+    validate_lora(cfg, check_paths=check_paths)
 
 
 # ----------------------------------------------------------------------------------------------------

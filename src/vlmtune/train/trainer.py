@@ -21,6 +21,7 @@ from tqdm import tqdm
 from vlmtune.checkpoint import dcp as checkpoint
 from vlmtune.checkpoint.convert import native_to_hf
 from vlmtune.checkpoint.export import export_model
+from vlmtune.checkpoint.lora import export_adapter
 from vlmtune.data import build_loader, build_processor, load_samples
 from vlmtune.errors import ConfigError, DataError
 from vlmtune.models.qwen3_vl import ModelArgs, load_config
@@ -31,8 +32,10 @@ from vlmtune.parallel.mesh import DistInfo, close_distributed, init_distributed,
 from .build import build_sharded_model, build_sharded_pipeline
 from .config import TrainConfig
 from .freeze import apply_freeze
+from .lora import LoraSetup, analytic_trainable, check_lora_model
 from .metrics import MetricsLogger, flops_per_token, peak_memory_gb, peak_tflops, plot
 from .optim import Schedule, build_optimizer
+from .qlora import build_quantized_model
 from .step import DataParallelStep, PipelineStep, StepResult, TrainModule, finish_step
 
 log = logging.getLogger(__name__)
@@ -71,6 +74,7 @@ def check_config(cfg: TrainConfig, args: ModelArgs, world: int) -> ParallelConfi
     """Everything the config alone decides, before any process group, data or weights: the layout against
     the world size and the model (heads, layers, experts), and what pipeline parallelism cannot do yet."""
     layout = resolve(cfg.parallel, world, args)
+    check_lora_model(cfg, args)
     if layout.pp == 1:
         return layout
     problems = []
@@ -163,11 +167,19 @@ class Trainer:
     def build_model(self) -> None:
         """The sharded model, its step strategy, the optimizer and the lr schedule."""
         cfg, info = self.cfg, self.info
+        dtype = getattr(torch, cfg.model.dtype)
+        self.lora = None
+        if cfg.lora.rank:
+            compute = torch.bfloat16 if cfg.train.mixed_precision == "bf16" else dtype
+            self.lora = LoraSetup(
+                cfg, self.args, seed=cfg.train.seed, master_dtype=dtype, compute_dtype=compute
+            )
         build = dict(
-            dtype=getattr(torch, cfg.model.dtype),
+            dtype=dtype,
             mixed_precision=cfg.train.mixed_precision,
             activation_checkpointing=cfg.model.activation_checkpointing,
             prepare=lambda m: apply_freeze(m, cfg.freeze),
+            lora=self.lora,
         )
         if info.parallel.pp > 1:
             dp = info.dp_size
@@ -182,7 +194,8 @@ class Trainer:
             )
         else:
             coef = aux_coef(cfg, self.args)
-            self.root, self.model = build_sharded_model(
+            builder = build_quantized_model if cfg.lora.base_quant == "nf4" else build_sharded_model
+            self.root, self.model = builder(
                 cfg.model.init_from_hf, lambda m: TrainModule(m, cfg.loss.chunk_size, coef), info, **build
             )
             self.strategy = DataParallelStep(
@@ -203,6 +216,7 @@ class Trainer:
         meta = checkpoint.load(
             path, model=self.model, optimizer=self.optimizer, loader=self.loader, no_load_optim=c.no_load_optim,
             no_load_rng=c.no_load_rng, dp_rank=self.info.dp_rank, dp_size=self.info.dp_size,
+            trainable_only=self.lora is not None,
         )  # fmt: skip
         # As in Megatron: the step count, schedule and data position continue; the flags only skip state.
         self.step, self.consumed = meta["step"], meta.get("consumed_samples", 0)
@@ -241,6 +255,7 @@ class Trainer:
             self.cfg.output_dir, self.step, model=self.model, optimizer=self.optimizer, loader=self.loader,
             meta=meta, source_dir=self.cfg.model.init_from_hf, no_save_optim=c.no_save_optim,
             no_save_rng=c.no_save_rng, keep_last=c.keep_last, dp_rank=self.info.dp_rank, dp_size=self.info.dp_size,
+            trainable_only=self.lora is not None,
         )  # fmt: skip
 
     def _batches(self):
@@ -262,6 +277,12 @@ class Trainer:
             "layer(s)%s", lp.pp, lp.dp_replicate, lp.dp_shard, lp.tp, lp.ep,
             len(self.model.language_model.layers), " and the vision tower" if self.model.visual is not None else "",
         )  # fmt: skip
+        if self.lora is not None:
+            log.info(
+                "LoRA rank %d on %d module(s): %s trainable parameters by the model's dimensions",
+                self.lora.spec.rank, len(self.lora.linears) + len(self.lora.experts),
+                f"{analytic_trainable(self.args, self.lora):,}",
+            )  # fmt: skip
 
     def _stage_flops_per_token(self) -> float:
         fpt = flops_per_token(self.model)
@@ -331,7 +352,14 @@ class Trainer:
             and not (cfg.eval.interval and self.step % cfg.eval.interval == 0)
         ):
             summary["val_loss"] = self.validate()
-        if done and cfg.checkpoint.save_hf:
+        if done and cfg.checkpoint.save_hf and self.lora is not None:
+            # Adapters only, in PEFT format, from the checkpoint just saved (`vlmtune export` does the same).
+            if self.main:
+                summary["adapter"] = export_adapter(
+                    checkpoint.latest(cfg.output_dir), os.path.join(cfg.output_dir, "adapter")
+                )
+            torch.distributed.barrier()
+        elif done and cfg.checkpoint.save_hf:
             hf_dir = os.path.join(cfg.output_dir, "hf")
             if self.info.parallel.pp > 1:  # no rank holds the whole model: stream the checkpoint just saved
                 if self.main:

@@ -1,0 +1,80 @@
+"""QLoRA: the frozen decoder Linears of a LoRA run stored as 4-bit NF4 (torchao's `NF4Tensor`), dequantized per
+layer in the forward (the dequantized weight lives only inside that Linear's forward and backward).
+
+NF4 needs real values, so unlike `build_sharded_model` (meta build, sharding, then streaming each slice in)
+this builder loads the base on the host in the compute dtype, quantizes the decoder's attention and MLP
+projections there, moves the model to the device and only then shards it (FSDP2 shards NF4 tensors: they
+implement its all-gather extension). The vision tower, norms, embeddings, lm_head, the MoE router and experts
+stay in the compute dtype. Tensor and pipeline parallelism are refused by the config check.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from vlmtune.checkpoint.hf import load_weights
+from vlmtune.models.qwen3_vl import Qwen3VL, build_model, load_config, materialize
+from vlmtune.models.qwen3_vl.lora import is_adapter
+from vlmtune.parallel.fsdp import parallelize
+
+NF4_BLOCK = 64  # weights per absmax block, as QLoRA
+_QUANTIZED = re.compile(r"language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)")
+
+
+def _scaler_block(numel: int) -> int | None:
+    """torchao quantizes the block scales in groups of 256; a small matrix needs a smaller group."""
+    if numel % NF4_BLOCK:
+        return None
+    blocks = numel // NF4_BLOCK
+    return next(s for s in (256, 128, 64, 32, 16, 8, 4, 2, 1) if blocks % s == 0)
+
+
+@torch.no_grad()
+def quantize_decoder(model: nn.Module) -> int:
+    """Replace the decoder's attention and MLP projection weights by NF4 tensors; returns how many."""
+    from torchao.quantization import to_nf4  # torchao is needed (and imported) only for QLoRA
+
+    count = 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and _QUANTIZED.fullmatch(name):
+            scaler = _scaler_block(module.weight.numel())
+            if scaler is None:
+                continue
+            nf4 = to_nf4(module.weight.detach(), NF4_BLOCK, scaler)
+            module.weight = nn.Parameter(nf4, requires_grad=False)
+            count += 1
+    return count
+
+
+def build_quantized_model(
+    path: str,
+    root_factory: Callable[[Qwen3VL], nn.Module],
+    info,
+    *,
+    lora,
+    dtype: torch.dtype = torch.float32,
+    mixed_precision: str = "fp32",
+    activation_checkpointing: str = "none",
+    prepare: Callable[[Qwen3VL], object] | None = None,
+):
+    """Same contract as `build.build_sharded_model`, for `lora.base_quant: nf4`. Returns (root, model)."""
+    model = build_model(load_config(path), dtype=dtype)
+    if prepare is not None:
+        prepare(model)
+    lora.apply(model)
+    materialize(model, "cpu")
+    load_weights(model, path, names={n for n, _ in model.named_parameters() if not is_adapter(n)})
+    quantize_decoder(model)
+    model.to(info.device)
+    model.source_dir = path
+    root = root_factory(model)
+    parallelize(
+        root, model, info, dtype=dtype, mixed_precision=mixed_precision,
+        activation_checkpointing=activation_checkpointing,
+    )  # fmt: skip
+    lora.after_load(model)
+    return root, model
