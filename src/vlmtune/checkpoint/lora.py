@@ -15,7 +15,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from vlmtune.errors import CheckpointError
-from vlmtune.models.qwen3_vl import build_model, load_config
+from vlmtune.models.qwen3_vl import Qwen3VL, build_model, load_config
 from vlmtune.models.qwen3_vl.lora import LoraSpec, add_adapters, is_adapter, merge_adapters, modules_named
 
 from .dcp import HF_ASSETS, resolve
@@ -78,6 +78,15 @@ def export_adapter(ckpt: str, out_dir: str) -> str:
 def export_merged(ckpt: str, out_dir: str, base: str | None = None) -> str:
     """A LoRA checkpoint merged into its base model (`W + scale * B A`) -> a full Hugging Face checkpoint."""
     path = resolve(os.fspath(ckpt))
+    model = load_merged(path, base)
+    save_pretrained(model, out_dir, source_dir=os.path.join(path, HF_ASSETS))
+    return out_dir
+
+
+def load_merged(ckpt: str, base: str | None = None) -> Qwen3VL:
+    """The base model of a LoRA checkpoint with its adapters (and `modules_to_save`) merged in, on the CPU in
+    the base checkpoint's dtype (merged in fp32)."""
+    path = resolve(os.fspath(ckpt))
     section = lora_section(path)
     if section is None:
         raise CheckpointError(f"{path}: not a LoRA run; --merge applies to LoRA checkpoints only")
@@ -88,8 +97,7 @@ def export_merged(ckpt: str, out_dir: str, base: str | None = None) -> str:
     names, get = _reader(path)
     adapters = [n for n in names if is_adapter(n)]
     linears = sorted({n.rsplit(".lora_", 1)[0] for n in adapters if ".lora_" in n})
-    experts = _expert_targets(adapters)
-    add_adapters(model, linears, experts, _spec(section), torch.float32)  # merged in fp32, then cast
+    add_adapters(model, linears, _expert_targets(adapters), _spec(section), torch.float32)
     params = dict(model.named_parameters(remove_duplicate=False))
     with torch.no_grad():
         for name in names:
@@ -99,8 +107,8 @@ def export_merged(ckpt: str, out_dir: str, base: str | None = None) -> str:
                 )
             params[name].copy_(get(name))
     merge_adapters(model)
-    save_pretrained(model, out_dir, source_dir=os.path.join(path, HF_ASSETS))
-    return out_dir
+    model.source_dir = os.path.join(path, HF_ASSETS)
+    return model
 
 
 def _expert_targets(adapters: list[str]) -> dict[str, list[str]]:

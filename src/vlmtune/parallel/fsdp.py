@@ -64,22 +64,25 @@ def apply_fsdp(
     reduce_dtype: torch.dtype,
     expert_mesh=None,
     expert_divide_factor: float | None = None,
+    ignored_params: set | None = None,
 ):
     """Shard every block of `model`, then `root` (the module whose forward computes the loss).
+    `ignored_params` stay whole on every rank, outside FSDP (QLoRA's NF4 weights on one data-parallel rank).
 
     With expert parallelism the experts of each sparse block are their own FSDP unit over `expert_mesh`
     (the data-parallel ranks holding the same experts). Their gradients already sum the tokens of the
     whole ep group, so they are divided by the full data-parallel size (`expert_divide_factor`) instead of
     the size of `expert_mesh`, which keeps them equal to one process's."""
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    kw = {"mp_policy": mp, "ignored_params": ignored_params}
     for block in blocks(model):
         experts = getattr(getattr(block, "mlp", None), "experts", None)
         if expert_mesh is not None and experts is not None:
-            fully_shard(experts, mesh=expert_mesh, mp_policy=mp)
+            fully_shard(experts, mesh=expert_mesh, **kw)
             if expert_divide_factor is not None:
                 experts.set_gradient_divide_factor(expert_divide_factor)
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(root, mesh=mesh, mp_policy=mp)
+        fully_shard(block, mesh=mesh, **kw)
+    fully_shard(root, mesh=mesh, **kw)
 
 
 def parallelize(
@@ -90,6 +93,7 @@ def parallelize(
     dtype: torch.dtype,
     mixed_precision: str,
     activation_checkpointing: str,
+    ignored_params: set | None = None,
 ) -> None:
     """Expert parallelism -> activation checkpointing -> FSDP over the data-parallel ranks, on a meta model
     (`info`: the DistInfo of `parallel.mesh.init_distributed`). bf16 compute reduces gradients in fp32,
@@ -108,4 +112,5 @@ def parallelize(
         reduce_dtype=reduce,
         expert_mesh=info.expert_fsdp_mesh if ep else None,
         expert_divide_factor=float(info.dp_size) if ep else None,
+        ignored_params=ignored_params,
     )

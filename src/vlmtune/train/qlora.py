@@ -34,11 +34,11 @@ def _scaler_block(numel: int) -> int | None:
 
 
 @torch.no_grad()
-def quantize_decoder(model: nn.Module) -> int:
-    """Replace the decoder's attention and MLP projection weights by NF4 tensors; returns how many."""
+def quantize_decoder(model: nn.Module) -> list[str]:
+    """Replace the decoder's attention and MLP projection weights by NF4 tensors; returns their names."""
     from torchao.quantization import to_nf4  # torchao is needed (and imported) only for QLoRA
 
-    count = 0
+    quantized = []
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and _QUANTIZED.fullmatch(name):
             scaler = _scaler_block(module.weight.numel())
@@ -46,8 +46,8 @@ def quantize_decoder(model: nn.Module) -> int:
                 continue
             nf4 = to_nf4(module.weight.detach(), NF4_BLOCK, scaler)
             module.weight = nn.Parameter(nf4, requires_grad=False)
-            count += 1
-    return count
+            quantized.append(f"{name}.weight")
+    return quantized
 
 
 def build_quantized_model(
@@ -68,13 +68,16 @@ def build_quantized_model(
     lora.apply(model)
     materialize(model, "cpu")
     load_weights(model, path, names={n for n, _ in model.named_parameters() if not is_adapter(n)})
-    quantize_decoder(model)
+    quantized = quantize_decoder(model)
     model.to(info.device)
+    nf4 = {model.get_parameter(n) for n in quantized}
     model.source_dir = path
     root = root_factory(model)
+    # FSDP2's one-rank shortcut takes a single all-gather input per parameter; NF4 has three: on one
+    # data-parallel rank the NF4 weights stay outside FSDP (nothing to shard there anyway).
     parallelize(
         root, model, info, dtype=dtype, mixed_precision=mixed_precision,
-        activation_checkpointing=activation_checkpointing,
+        activation_checkpointing=activation_checkpointing, ignored_params=nf4 if info.fsdp_mesh.size() == 1 else None,
     )  # fmt: skip
     lora.after_load(model)
     return root, model
