@@ -229,13 +229,17 @@ def test_sigkill_then_resume_is_bit_exact(dense_run, dense_ckpt, dataset, tmp_pa
     assert records(out) == records(dense_run["out"])
 
 
-def test_qlora_trains_with_nf4_decoder_weights(dense_ckpt, dataset, tmp_path):
-    raw = config(
-        tmp_path / "q", dense_ckpt, dataset, {**DENSE_LORA, "base_quant": "nf4"}, train={"train_iters": 2}
-    )
-    result = run_in_process(raw, gather_frozen=False)
-    steps = [r for r in read_metrics(str(tmp_path / "q")) if "loss" in r]
-    assert [r["step"] for r in steps] == [1, 2] and all(
-        torch.isfinite(torch.tensor(r["loss"])) for r in steps
+@pytest.mark.slow
+def test_qlora_trains_and_fsdp2_shards_nf4_with_one_process_losses(dense_ckpt, dataset, tmp_path):
+    lora = {**DENSE_LORA, "base_quant": "nf4"}
+    result = run_in_process(
+        config(tmp_path / "q", dense_ckpt, dataset, lora, train={"train_iters": 2}), False
     )
     assert any("lora_B" in n and result["params"][n].abs().max() > 0 for n in result["trainable"])
+    out = tmp_path / "q_fsdp2"  # NF4 weights sharded by FSDP2 (quantized whole before sharding)
+    torchrun(
+        out, config(out, dense_ckpt, dataset, lora, train={"train_iters": 2}, parallel={"dp_shard": 2}), 2
+    )
+    want = losses(tmp_path / "q")
+    assert sorted(want) == [1, 2] and all(0 < v < 20 for v in want.values())
+    assert_close(losses(out), want, [1, 2])

@@ -10,6 +10,7 @@ stay in the compute dtype. Tensor and pipeline parallelism are refused by the co
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable
 
@@ -21,28 +22,39 @@ from vlmtune.models.qwen3_vl import Qwen3VL, build_model, load_config, materiali
 from vlmtune.models.qwen3_vl.lora import is_adapter
 from vlmtune.parallel.fsdp import parallelize
 
+log = logging.getLogger(__name__)
 NF4_BLOCK = 64  # weights per absmax block, as QLoRA
 _QUANTIZED = re.compile(r"language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)")
 
 
-def _scaler_block(numel: int) -> int | None:
-    """torchao quantizes the block scales in groups of 256; a small matrix needs a smaller group."""
-    if numel % NF4_BLOCK:
+def _scaler_block(shape, shards: int) -> int | None:
+    """torchao quantizes the block scales in groups of 256 (a small matrix needs a smaller group), and FSDP2
+    splits every inner tensor of an NF4 weight in `shards` equal parts; None: this matrix cannot be NF4."""
+    numel = shape[0] * shape[1]
+    if numel % NF4_BLOCK or shape[0] % shards:
         return None
     blocks = numel // NF4_BLOCK
-    return next(s for s in (256, 128, 64, 32, 16, 8, 4, 2, 1) if blocks % s == 0)
+    fits = [s for s in (256, 128, 64, 32, 16, 8, 4, 2, 1) if blocks % s == 0 and (blocks // s) % shards == 0]
+    return fits[0] if fits and blocks % shards == 0 else None
 
 
 @torch.no_grad()
-def quantize_decoder(model: nn.Module) -> list[str]:
-    """Replace the decoder's attention and MLP projection weights by NF4 tensors; returns their names."""
+def quantize_decoder(model: nn.Module, shards: int = 1) -> list[str]:
+    """Replace the decoder's attention and MLP projection weights by NF4 tensors (that FSDP2 can split in
+    `shards`); returns their names."""
     from torchao.quantization import to_nf4  # torchao is needed (and imported) only for QLoRA
 
     quantized = []
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and _QUANTIZED.fullmatch(name):
-            scaler = _scaler_block(module.weight.numel())
+            scaler = _scaler_block(module.weight.shape, shards)
             if scaler is None:
+                log.warning(
+                    "%s %s stays in %s: no NF4 layout fits it",
+                    name,
+                    tuple(module.weight.shape),
+                    module.weight.dtype,
+                )
                 continue
             nf4 = to_nf4(module.weight.detach(), NF4_BLOCK, scaler)
             module.weight = nn.Parameter(nf4, requires_grad=False)
@@ -68,7 +80,7 @@ def build_quantized_model(
     lora.apply(model)
     materialize(model, "cpu")
     load_weights(model, path, names={n for n, _ in model.named_parameters() if not is_adapter(n)})
-    quantized = quantize_decoder(model)
+    quantized = quantize_decoder(model, info.fsdp_mesh.size())
     model.to(info.device)
     nf4 = {model.get_parameter(n) for n in quantized}
     model.source_dir = path
