@@ -8,7 +8,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -24,16 +27,19 @@ from vlmtune.checkpoint import dcp as checkpoint
 from vlmtune.checkpoint import load_pretrained
 from vlmtune.cli import main
 from vlmtune.demo import make_dataset
+from vlmtune.errors import ConfigError
+from vlmtune.infer.load import load_model
 from vlmtune.models.qwen3_vl import load_config
 from vlmtune.models.qwen3_vl.lora import is_adapter
 from vlmtune.parallel.mesh import close_distributed, init_distributed
 from vlmtune.testing import make_tiny_checkpoint
-from vlmtune.train.config import from_dict
+from vlmtune.train.config import from_dict, load
 from vlmtune.train.metrics import read_metrics
 from vlmtune.train.trainer import Trainer, check_config, train
 
 from model_inputs import build_sample, hf_kwargs, ours_kwargs
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
 RANK = 4
 # Every kind in every group, the merger trained whole (so its fc1/fc2 get no adapters).
@@ -190,6 +196,18 @@ def test_moe_export_loads_in_peft_and_merges(moe_ckpt, dataset, tmp_path):
     assert "model.language_model.layers.0.mlp.gate.weight" in cfg["target_parameters"]
 
 
+@pytest.mark.slow
+def test_moe_expert_adapters_under_ep2_equal_one_process(moe_ckpt, dataset, tmp_path):
+    one, ep = tmp_path / "one", tmp_path / "ep2"
+    train(from_dict(config(one, moe_ckpt, dataset, MOE_LORA, train={"train_iters": 2})))
+    torchrun(
+        ep,
+        config(ep, moe_ckpt, dataset, MOE_LORA, train={"train_iters": 2}, parallel={"dp_shard": 2, "ep": 2}),
+        2,
+    )
+    assert_close(losses(ep), losses(one), [1, 2])
+
+
 def test_chat_with_adapter_equals_the_merged_model(dense_run, dense_ckpt, tmp_path, capsys):
     assert main(["export", str(dense_run["out"]), "--out", str(tmp_path / "merged"), "--merge"]) == 0
     capsys.readouterr()
@@ -201,9 +219,10 @@ def test_chat_with_adapter_equals_the_merged_model(dense_run, dense_ckpt, tmp_pa
 
 
 @pytest.mark.slow
-def test_fsdp2_and_tp2_equal_one_process(dense_run, dense_ckpt, dataset, tmp_path):
+def test_fsdp2_tp2_and_pp2_equal_one_process(dense_run, dense_ckpt, dataset, tmp_path):
     want = losses(dense_run["out"])
-    for name, parallel in (("fsdp2", {"dp_shard": 2}), ("tp2", {"tp": 2})):
+    pp = {"pp": 2, "llm_pp_layers": [1, 1], "vit_pp_layers": [2, 0]}
+    for name, parallel in (("fsdp2", {"dp_shard": 2}), ("tp2", {"tp": 2}), ("pp2", pp)):
         out = tmp_path / name
         torchrun(
             out, config(out, dense_ckpt, dataset, DENSE_LORA, train={"train_iters": 2}, parallel=parallel), 2
@@ -243,3 +262,54 @@ def test_qlora_trains_and_fsdp2_shards_nf4_with_one_process_losses(dense_ckpt, d
     want = losses(tmp_path / "q")
     assert sorted(want) == [1, 2] and all(0 < v < 20 for v in want.values())
     assert_close(losses(out), want, [1, 2])
+
+
+def test_init_from_loads_a_peft_adapter_and_refuses_another_rank(dense_run, dense_ckpt, dataset, tmp_path):
+    adapter = os.path.join(dense_run["out"], "adapter")
+    raw = config(tmp_path / "cont", dense_ckpt, dataset, {**DENSE_LORA, "init_from": adapter})
+    cfg = from_dict(raw)
+    args = load_config(dense_ckpt)
+    info = init_distributed(cfg.train.device, cfg.parallel, args)
+    try:
+        trainer = Trainer(cfg, info, args)
+        trainer.build_data()
+        trainer.build_model()
+        for name in dense_run["trainable"]:  # the adapter the first run ended with, and its merger
+            assert torch.equal(trainer.model.get_parameter(name).full_tensor(), dense_run["params"][name]), (
+                name
+            )
+        cfg.lora.rank = 8
+        with pytest.raises(ConfigError, match="r=4 lora_alpha=8.0"):
+            Trainer(cfg, info, args).build_model()
+    finally:
+        close_distributed()
+
+
+def test_a_lora_checkpoint_loads_for_inference_merged(dense_run, tmp_path):
+    assert main(["export", str(dense_run["out"]), "--out", str(tmp_path / "merged"), "--merge"]) == 0
+    s = build_sample([6, ("image", 4, 4), 9], seed=4)
+    with torch.no_grad():
+        got = load_model(str(dense_run["out"]))(**ours_kwargs(s)).logits
+        want = load_pretrained(str(tmp_path / "merged"))(**ours_kwargs(s)).logits
+    assert torch.equal(got, want)
+
+
+def test_docs_examples_run(dense_run, dense_ckpt):
+    doc = open(os.path.join(ROOT, "docs", "lora.md")).read()
+    adapter = os.path.join(dense_run["out"], "adapter")
+    for block in re.findall(r"```python\n(.*?)```", doc, re.S):
+        code = block.replace("ckpt/hf_path/Qwen3-VL-8B-Instruct", dense_ckpt)
+        code = code.replace("runs/qwen3vl_8b_lora/adapter", adapter)
+        exec(compile(code, "docs/lora.md", "exec"), {})
+    for name in ("qwen3vl_8b_lora.yaml", "qwen3vl_30b_a3b_lora.yaml"):
+        cfg = load(os.path.join(ROOT, "configs", name), check_paths=False)
+        assert cfg.lora.rank > 0
+
+
+@pytest.mark.slow
+def test_bench_lora_smoke():
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_lora.py"), "--smoke"],
+                         capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    rows = [line.split()[0] for line in res.stdout.splitlines()]
+    assert {"full", "lora", "qlora"} <= set(rows) and "QLoRA: NF4 weights' max relative error" in res.stdout
