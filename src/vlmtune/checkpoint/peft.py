@@ -92,7 +92,6 @@ def to_peft_items(names: list[str], get, args: ModelArgs):
         elif expert:
             module, proj, ab = expert.groups()
             t = get(name)
-            e, _, _ = t.shape
             # A [E, in, r] -> [E*r, in]; B [E, r, out] -> [out, r*E] (expert e in columns e, e+E, ...)
             t = (
                 t.transpose(1, 2).reshape(-1, t.shape[1])
