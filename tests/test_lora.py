@@ -188,6 +188,13 @@ def test_model_checks_refuse_split_experts_and_dropout(tmp_path):
     cfg = from_dict(raw_config(tmp_path, targets=["router"]), check_paths=False)
     with pytest.raises(ConfigError, match="select no module"):
         check_lora_model(cfg, dense)
+    tied = args_from_hf_dict(tiny_config_dict(tie_word_embeddings=True))
+    cfg = from_dict(raw_config(tmp_path, modules_to_save=["lm_head"]), check_paths=False)
+    with pytest.raises(ConfigError, match="lm_head is tied to embed_tokens"):
+        check_lora_model(cfg, tied)
+    cfg = from_dict(raw_config(tmp_path, modules_to_save=["vision_tower"]), check_paths=False)
+    with pytest.raises(ConfigError, match=r"\['vision_tower'\] name no module"):
+        check_lora_model(cfg, dense)
 
 
 def test_qlora_forward_equals_the_dequantized_reference(tmp_path):

@@ -123,6 +123,10 @@ def check_lora_model(cfg, args: ModelArgs):
             "lora.targets: MoE experts fuse gate_proj and up_proj into one gate_up_proj (one adapter, as peft "
             "writes it); target both or neither"
         )
+    if args.tie_word_embeddings and "lm_head" in saved:
+        raise ConfigError(
+            "lora.modules_to_save: lm_head is tied to embed_tokens in this model; name embed_tokens"
+        )
     routers = [n for n in linears if n.endswith(".mlp.gate")]
     if lo.dropout > 0 and (experts or routers):
         raise ConfigError(
