@@ -13,6 +13,7 @@ import sys
 # Feature areas whose `cli.register(subparsers)` adds commands, in `--help` order.
 COMMAND_MODULES = (
     "vlmtune.train.cli",
+    "vlmtune.train.plan_cli",
     "vlmtune.infer.cli",
     "vlmtune.data.cli",
     "vlmtune.models.cli",
