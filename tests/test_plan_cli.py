@@ -22,7 +22,7 @@ from vlmtune.train.plan_search import candidate_layouts, lora_spec, make_context
 MOE = {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32}
 
 
-def write_run(tmp_path, *, moe=None, index=None, **train) -> str:
+def write_run(tmp_path, *, moe=None, index=None, visual=None, **train) -> str:
     """A tiny model's config.json (no weights) and a training YAML pointing at it; returns the YAML path."""
     model = tmp_path / "model"
     model.mkdir()
@@ -30,7 +30,8 @@ def write_run(tmp_path, *, moe=None, index=None, **train) -> str:
     cache = tmp_path / "cache"
     if index is not None:
         cache.mkdir()
-        (cache / "length_index.json").write_text(json.dumps({"key": "k", "lengths": index, "bad": {}}))
+        record = {"key": "k", "lengths": index, "bad": {}, **({"visual": visual} if visual else {})}
+        (cache / "length_index.json").write_text(json.dumps(record))
     cfg = {
         "output_dir": str(tmp_path / "run"),
         "model": {"init_from_hf": str(model), "activation_checkpointing": "full"},
@@ -146,6 +147,34 @@ def test_length_index_packing(tmp_path):
     full = make_workload(no_index, args, 1024, None, max_patches=1024)
     assert full.largest.sample_lengths == [512, 512]  # full rows of data.cutoff_len samples
     assert full.largest.patches == 4 * 1024 // 2  # half of the tokens are vision tokens by default
+
+
+def test_vision_tokens_from_the_index_when_it_records_them(tmp_path):
+    cfg = load(write_run(tmp_path, index=[300, 500], visual=[100, 0]), check_paths=False)
+    work = make_workload(cfg, args_from_hf_dict(tiny_config_dict()), 1024, None, max_patches=64)
+    assert "vision tokens from the index" in work.source
+    assert work.largest.patches == 4 * 100
+    assert max(h * w for _, h, w in work.largest.grids) <= 64  # split into images of at most 64 patches
+
+
+def test_pipeline_stages(tmp_path, capsys):
+    cfg_path = write_run(tmp_path, mixed_precision="bf16")
+    piped = run_json(
+        capsys, cfg_path, "--gpus-per-node", "2", "--parallel.pp=2", "--parallel.llm_pp_layers=[1,2]"
+    )
+    conf = piped["configured"]
+    assert (conf["layout"]["pp"], conf["layout"]["dp_shard"], conf["accumulation"]) == (2, 1, 8)
+    assert conf["step_s"] > 0
+    # The stages split the model exactly: stage 0 the vision tower, embeddings and layer 0 (2 micro-batches
+    # in flight under 1F1B), stage 1 layers 1-2, the final norm and lm_head.
+    cfg = load(cfg_path, check_paths=False)
+    ctx = make_context(cfg, Hardware(GPUS["h100-80g"], 1, 2, 989.0))
+    layout = Layout(dp_shard=1, pp=2, llm_pp_layers=[1, 2])
+    stages = [state_memory(ctx.records, layout, ctx.precision, args=ctx.args, rank=r) for r in (0, 1)]
+    whole = state_memory(ctx.records, Layout(), ctx.precision, args=ctx.args)
+    assert stages[0].params + stages[1].params == whole.params
+    assert conf["states"]["params"] in (stages[0].params, stages[1].params)
+    assert conf["in_flight"] == (2 if conf["states"]["params"] == stages[0].params else 1)
 
 
 def test_moe_layouts_use_expert_parallelism_and_no_pipeline(tmp_path):

@@ -131,21 +131,36 @@ def _layout_line(e) -> str:
     )
 
 
-def format_estimate(e) -> list[str]:
+def _sharding(p) -> str:
+    parts = [f"FSDP 1/{p.dp_shard}"]
+    if p.dp_replicate > 1:
+        parts.append(f"x{p.dp_replicate} replicas")
+    if p.tp > 1:
+        parts.append(f"TP 1/{p.tp}")
+    if p.ep > 1:
+        parts.append(f"experts EP 1/{p.ep}")
+    if p.pp > 1:
+        parts.append("the busiest pipeline stage")
+    return ", ".join(parts)
+
+
+def format_estimate(e, precision: dict) -> list[str]:
     s, a, c = e.states, e.activations, e.comm
+    master, compute, reduce = precision["master"], precision["compute"], precision["reduce"]
     lines = [
         "  per rank (GiB)"
         + (f", pipeline stages hold {e.in_flight} micro-batches" if e.in_flight > 1 else ""),
-        f"    parameters        {_gib(s.params)}   (frozen {s.params_frozen / GiB:.2f})",
-        f"    gradients         {_gib(s.grads)}",
-        f"    optimizer         {_gib(s.optimizer)}   AdamW exp_avg + exp_avg_sq "
+        f"    parameters        {_gib(s.params)}   {master} master weights, {_sharding(e.layout)}; "
+        f"frozen {s.params_frozen / GiB:.2f}",
+        f"    gradients         {_gib(s.grads)}   {master}, reduce-scattered in {reduce}",
+        f"    optimizer         {_gib(s.optimizer)}   AdamW exp_avg + exp_avg_sq in {master} "
         f"(+ {s.optimizer_host / 2**10:.1f} KiB of step counters on the host)",
-        f"    activations       {_gib(a.vision)}   vision tower",
+        f"    activations       {_gib(a.vision)}   vision tower ({compute})",
         f"                      {_gib(a.decoder)}   decoder",
         f"                      {_gib(a.loss)}   final norm + chunked loss",
         f"                      {_gib(a.alive)}   kept alive by checkpointed layers (masks)",
         f"                      {_gib(a.transient)}   backward working set (estimate)",
-        f"    FSDP buffers      {_gib(c['root_gathered'] + c['blocks_gathered'])}   gathered: root unit "
+        f"    FSDP buffers      {_gib(c['root_gathered'] + c['blocks_gathered'])}   gathered in {compute}: root unit "
         f"{c['root_gathered'] / GiB:.2f}, two blocks {c['blocks_gathered'] / GiB:.2f}",
         f"                      {_gib(c['block_grads'] + c['head_grads'])}   gradients before reduce-scatter "
         f"(end of backward: {c['final'] / GiB:.2f})",
@@ -179,7 +194,10 @@ def format_plan(plan) -> str:
         "",
     ]
     if plan.configured is not None:
-        lines += ["configured: " + _layout_line(plan.configured), *format_estimate(plan.configured)]
+        lines += [
+            "configured: " + _layout_line(plan.configured),
+            *format_estimate(plan.configured, plan.precision),
+        ]
     else:
         lines.append(f"configured layout cannot run: {plan.configured_error}")
     lines += ["", "layouts that fit with >= 10% headroom" + (", fastest first:" if h["peak_tflops"] else ":")]

@@ -113,6 +113,7 @@ class Plan:
     config: str
     model: dict
     hardware: dict
+    precision: dict  # dtype names: master (parameters, optimizer), compute (gathers, activations), reduce
     workload: str
     configured: Estimate | None
     configured_error: str | None
@@ -120,7 +121,8 @@ class Plan:
     assumptions: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        out = {k: getattr(self, k) for k in ("config", "model", "hardware", "workload", "configured_error")}
+        keys = ("config", "model", "hardware", "precision", "workload", "configured_error")
+        out = {k: getattr(self, k) for k in keys}
         out["configured"] = self.configured.to_dict() if self.configured else None
         out["suggestions"] = [s.to_dict() for s in self.suggestions]
         out["assumptions"] = self.assumptions
@@ -186,6 +188,9 @@ def make_plan(
             "gpus_per_node": hardware.gpus_per_node,
             "peak_tflops": hardware.peak_tflops,
             "efficiency": hardware.efficiency,
+        },
+        precision={
+            k: str(getattr(ctx.precision, k)).replace("torch.", "") for k in ("master", "compute", "reduce")
         },
         workload=work.source,
         configured=configured,
