@@ -207,7 +207,7 @@ def predicted_vs_measured(model, batch, mode: str, freeze=None) -> tuple[float, 
     args = model.args
     ckpt, attention_only = checkpointed_blocks(mode, args.vision.depth, args.text.num_hidden_layers, False)
     spec = ActivationSpec(
-        args, micro_batch(batch), compute_bytes=next(model.parameters()).dtype.itemsize, device="cpu",
+        args, micro_batch(batch), compute_bytes=next(model.parameters()).dtype.itemsize, kernel="sdpa",
         trainable=Trainable.from_freeze(freeze or FreezeConfig()), checkpointed=ckpt,
         attention_recompute=attention_only, loss_chunk=8,
     )  # fmt: skip

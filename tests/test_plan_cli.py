@@ -95,9 +95,15 @@ def test_unknown_gpu_memory_without_peak_predicts_no_time(tmp_path, capsys):
     cfg = write_run(tmp_path)
     plan = run_json(capsys, cfg, "--gpu-memory", "20")
     assert plan["hardware"]["memory_gib"] == 20 and plan["hardware"]["peak_tflops"] is None
-    assert plan["configured"]["step_s"] is None
-    plan = run_json(capsys, cfg, "--gpu-memory", "20", "--logging.peak_tflops=100")
+    assert plan["configured"]["step_s"] is None and "--logging.peak_tflops" in plan["configured"]["time_note"]
+    peaks = [s["peak_bytes"] for s in plan["suggestions"]]
+    assert peaks == sorted(peaks)  # no time: the smallest first
+    plan = run_json(
+        capsys, cfg, "--gpu-memory", "20", "--logging.peak_tflops=100", "--train.mixed_precision=bf16"
+    )
     assert plan["configured"]["mfu"] > 0
+    fp32 = run_json(capsys, cfg, "--gpu", "h100-80g")  # fp32 compute: the table's peaks are bf16 ones
+    assert fp32["configured"]["step_s"] is None and "fp32" in fp32["configured"]["time_note"]
 
 
 def test_nothing_fits(tmp_path, capsys):

@@ -1,7 +1,7 @@
 """`vlmtune plan`: will a training config fit, how fast will it run, and which layouts fit better.
 
 Memory per rank = parameters + gradients + AdamW state (`plan_memory`, exact) + activations of the largest
-micro-batch (`plan_activations`, the CUDA FlashAttention path) + FSDP buffers + a fixed runtime reserve.
+micro-batch (`plan_activations`; FlashAttention, or SDPA for fp32 compute) + FSDP buffers + a fixed runtime reserve.
 Time per step = the FLOPs that run (model FLOPs + activation-checkpointing recompute) at `efficiency` x the
 GPU's dense bf16 peak, plus the communication that cannot overlap compute (tensor-parallel all-reduces,
 expert all-to-alls, the pipeline bubble); FSDP all-gathers and reduce-scatters are assumed to overlap
@@ -211,6 +211,7 @@ class Estimate:
     tokens_per_s: float | None = None
     mfu: float | None = None
     time_parts: dict[str, float] = field(default_factory=dict)
+    time_note: str = ""  # why no time is predicted
 
     @property
     def peak(self) -> float:
@@ -262,6 +263,12 @@ class Context:
     accumulation: Callable[[int, int], int]  # (budget, data-parallel size) -> micro-batches per rank per step
     selective_is_attention: bool
     loss_chunk: int = 1024
+
+    @property
+    def kernel(self) -> str:
+        """FlashAttention runs in bf16 / fp16 only; fp32 compute takes SDPA with the boolean mask."""
+        return "sdpa" if self.precision.compute.itemsize == 4 else "flash"
+
     _workloads: dict = field(default_factory=dict)
 
     def workload(self, budget: int) -> Workload:
@@ -287,7 +294,7 @@ def estimate(ctx: Context, layout: Layout, ac: str, budget: int) -> Estimate:
         if layout.pp > 1 and batch.tokens < budget:  # pipeline micro-batches are padded to the budget
             batch = MicroBatch([*batch.sample_lengths, budget - batch.tokens], batch.grids)
         spec = ActivationSpec(
-            a, batch, compute_bytes=ctx.precision.compute.itemsize, device="cuda", trainable=ctx.trainable,
+            a, batch, compute_bytes=ctx.precision.compute.itemsize, kernel=ctx.kernel, trainable=ctx.trainable,
             lora=ctx.lora, checkpointed=ckpt, attention_recompute=attention_only, tp=layout.tp, cp=layout.cp,
             ep=layout.ep, decoder_layers=sorted(layers), has_vision=first, has_head=last,
             loss_chunk=ctx.loss_chunk, pipeline=layout.pp > 1,
@@ -299,7 +306,11 @@ def estimate(ctx: Context, layout: Layout, ac: str, budget: int) -> Estimate:
         )  # fmt: skip
         if worst is None or est.peak > worst.peak:
             worst = est
-    if hw.peak_tflops:
+    if not hw.peak_tflops:
+        worst.time_note = "unknown peak FLOP/s for this GPU; set --logging.peak_tflops=..."
+    elif ctx.precision.compute.itemsize == 4:
+        worst.time_note = "not predicted for fp32 compute (the peaks are bf16); --train.mixed_precision=bf16"
+    else:
         _predict_time(ctx, worst, ckpt, attention_only)
     return worst
 

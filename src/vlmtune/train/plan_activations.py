@@ -4,15 +4,15 @@ The model mirrors the forward of `Qwen3VL` + `TrainModule` (chunked loss include
 for its backward is entered once under a name, so a tensor several ops save (a norm's output read by q, k
 and v) counts once, as it occupies memory once. What an op keeps depends on what needs a gradient: a frozen
 Linear keeps nothing of its input, a frozen vision encoder keeps nothing at all, and the decoder always
-back-propagates (the trainer makes the embeddings require grad). Two kernel paths:
-- "cpu": `scaled_dot_product_attention` with the boolean mask; SDPA converts the mask to the compute dtype
-  on every call and keeps that `[L, L]` copy per layer (and `[N, N]` per vision block); LayerNorm keeps its
-  statistics in the compute dtype.
-- "cuda": FlashAttention varlen (bf16/fp16): q, k, v, the output and the fp32 log-sum-exp, no mask;
-  LayerNorm statistics in fp32.
+back-propagates (the trainer makes the embeddings require grad). Two attention kernels, as the code picks:
+- "sdpa" (the CPU, or fp32 anywhere): `scaled_dot_product_attention` with the boolean mask, which SDPA
+  converts to the compute dtype on every call and keeps (`[L, L]` per decoder layer, `[N, N]` per vision
+  block); on the CPU LayerNorm keeps its statistics in the compute dtype.
+- "flash" (CUDA, bf16/fp16): FlashAttention varlen keeps q, k, v, the output and the fp32 log-sum-exp, no
+  mask; LayerNorm statistics in fp32.
 Activation checkpointing keeps, for a checkpointed block, its positional tensor inputs only (the hidden
-states, cos/sin, and in the vision tower the segment offsets and the boolean mask). `attention` (Megatron's
-selective recompute) keeps the core attention's inputs but not its statistics or converted mask.
+states, cos/sin, and in the vision tower the segment offsets and the boolean mask). `attention_recompute`
+(Megatron's selective recompute) keeps the core attention's inputs but not its statistics or converted mask.
 Tested against a `saved_tensors_hooks` count on the CPU (tests/test_plan.py). Besides what is saved, the
 model lists what stays alive until backward without being saved (`alive`: the decoder's boolean mask held by
 checkpointed layers) and a backward working-set estimate (`transient`), which the tests do not measure.
@@ -56,7 +56,7 @@ class ActivationSpec:
     args: ModelArgs
     batch: MicroBatch
     compute_bytes: int = 2  # 4 fp32, 2 bf16
-    device: str = "cuda"  # "cpu" (SDPA + boolean mask) or "cuda" (FlashAttention varlen)
+    kernel: str = "flash"  # "flash": FlashAttention varlen (CUDA, bf16/fp16); "sdpa": SDPA + boolean mask
     trainable: Trainable = field(default_factory=Trainable)
     lora: LoraSpec | None = None
     checkpointed: frozenset[int] = frozenset()  # checkpointed blocks: vision blocks, then decoder layers
@@ -125,7 +125,7 @@ def _core_attention(
         return
     led.add(f"{name}.out", part, n * heads * dim * c)
     led.add(f"{name}.lse", part, n * heads * FP32)
-    if s.device == "cpu":
+    if s.kernel == "sdpa":
         led.add(f"{name}.mask", part, mask * c)
 
 
@@ -194,7 +194,7 @@ def _decoder(led: Ledger, s: ActivationSpec, layers: Sequence[int], offset: int)
     for layer in layers:
         if offset + layer in s.checkpointed:
             led.add(f"dec{layer}.input", "decoder", n * t.hidden_size * c)
-            if s.device == "cpu" or s.pipeline:  # held by the checkpointed layers' arguments
+            if s.kernel == "sdpa" or s.pipeline:  # held by the checkpointed layers' arguments
                 led.add("dec.bool_mask", "decoder", mask * BOOL, kind="alive")
         else:
             _decoder_layer(led, s, layer, n, mask)
@@ -236,17 +236,17 @@ def _vision(led: Ledger, s: ActivationSpec, grids: Sequence[tuple[int, int, int]
     """Vision tower and mergers on `grids`; `scatter`: their features are placed into the token embeddings."""
     v, c, tr = s.args.vision, s.compute_bytes, s.trainable
     n = sum(t * h * w for t, h, w in grids)
-    stat = c if s.device == "cpu" else FP32
+    stat = c if s.kernel == "sdpa" else FP32  # CPU kernels keep them in the input dtype, CUDA in fp32
     feats_grad = tr.vision_encoder or tr.vision_projector
     if tr.vision_encoder:
         led.add("vis.patches", "vision", n * v.patch_dim * c)
         led.add("vis.pos_taps", "vision", n * 4 * (INT64 + c))
         led.add("vis.cos_sin", "vision", 2 * n * v.head_dim * FP32)
         for i in range(v.depth):
-            if i in s.checkpointed:  # its input; shared by all blocks: cu_seqlens and the CPU's bool mask
+            if i in s.checkpointed:  # its input; shared by all blocks: cu_seqlens and the SDPA bool mask
                 led.add(f"vis{i}.in", "vision", n * v.hidden_size * c)
-                cpu_mask = n * n * BOOL if s.device == "cpu" else 0
-                led.add("vis.ckpt_args", "vision", (len(segment_lengths(grids)) + 1) * INT32 + cpu_mask)
+                bool_mask = n * n * BOOL if s.kernel == "sdpa" else 0
+                led.add("vis.ckpt_args", "vision", (len(segment_lengths(grids)) + 1) * INT32 + bool_mask)
             else:
                 _vision_block(led, s, i, n, stat)
     for j, i in enumerate(v.deepstack_visual_indexes):

@@ -177,7 +177,7 @@ def format_estimate(e, precision: dict) -> list[str]:
             f"{t['exposed_comm_s']:.3f} s; FSDP {t['fsdp_s']:.3f} s (overlapped)",
         ]
     else:
-        lines.append("  time: unknown peak FLOP/s for this GPU; set --logging.peak_tflops=...")
+        lines.append(f"  time: {e.time_note}")
     return lines
 
 
@@ -200,7 +200,11 @@ def format_plan(plan) -> str:
         ]
     else:
         lines.append(f"configured layout cannot run: {plan.configured_error}")
-    lines += ["", "layouts that fit with >= 10% headroom" + (", fastest first:" if h["peak_tflops"] else ":")]
+    timed = any(e.tokens_per_s for e in plan.suggestions)
+    lines += [
+        "",
+        "layouts that fit with >= 10% headroom" + (", fastest first:" if timed else ", smallest first:"),
+    ]
     for i, e in enumerate(plan.suggestions, 1):
         speed = f"{e.tokens_per_s:9,.0f} tokens/s  MFU {e.mfu:5.1%}  " if e.tokens_per_s else ""
         lines += [f"  {i}. {speed}peak {e.peak / GiB:.1f} GiB", f"     {e.override_line()}"]

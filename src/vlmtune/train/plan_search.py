@@ -142,7 +142,7 @@ def suggest(ctx: Context, cfg: TrainConfig, budgets: list[int]) -> list[Estimate
                 est = estimate(ctx, layout, ac, budget)
                 if est.fits:
                     fits.append(est)
-    if ctx.hardware.peak_tflops:
+    if all(e.tokens_per_s for e in fits):
         fits.sort(key=lambda e: (-e.tokens_per_s, e.peak))
     else:
         fits.sort(key=lambda e: e.peak)
@@ -209,5 +209,11 @@ def assumptions(ctx: Context) -> list[str]:
         "compute; tensor-parallel all-reduces and expert all-to-alls do not",
         f"bandwidth per GPU: {hw.gpu.link_gbs:g} GB/s inside a node, "
         f"{hw.inter_node_gbs:g} GB/s between nodes",
-        "activations: FlashAttention (CUDA, bf16) path; every token of a micro-batch carries a label",
+        "activations: "
+        + (
+            "FlashAttention (bf16)"
+            if ctx.kernel == "flash"
+            else "fp32 compute: SDPA keeps an [L, L] mask per layer (train.mixed_precision=bf16 uses FlashAttention)"
+        )
+        + "; every token of a micro-batch carries a label",
     ]
