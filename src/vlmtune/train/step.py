@@ -19,7 +19,7 @@ from torch.distributed.tensor import DTensor
 from vlmtune.data.batch import PackedBatch
 from vlmtune.models.qwen3_vl import Qwen3VL
 from vlmtune.parallel.collectives import all_reduce_host
-from vlmtune.parallel.pipeline import stack_microbatches
+from vlmtune.parallel.pipeline import set_batches
 
 from .loss import (
     StepNormalizers,
@@ -169,33 +169,38 @@ class DataParallelStep:
 
 class PipelineStep:
     """Pipeline parallelism: the step's micro-batches are the schedule's micro-batches, padded to `length`;
-    each position's loss weight (`token_weights`) is the schedule's target, so every loss mode is exact; the
-    schedule's loss function undoes FSDP's average (x dp_size)."""
+    each position's loss weight (`token_weights`, and for MoE the aux-loss weight as one more column) is the
+    schedule's target, so every loss mode is exact; the weights undo FSDP's average (x dp_size)."""
 
-    def __init__(self, schedule, stages, info, *, length: int, loss_type: str):
+    def __init__(self, schedule, stages, info, *, length: int, loss_type: str, aux_coef: float = 0.0):
         self.schedule, self.stages, self.length, self.loss_type = schedule, stages, length, loss_type
+        self.aux_coef = aux_coef
         self.dp_size, self.dp_group = info.dp_size, info.dp_group
         self.pp_group = info.mesh["pp"].get_group()
         self.device = info.device
+        # One rank per data shard reports the losses: the last stage's first tensor-parallel rank.
+        self.reports = any(m.plan.last for m in stages) and info.mesh["tp"].get_local_rank() == 0
+        self.moe = stages[0].model.args.is_moe
+
+    def _weights(self, micro: list[PackedBatch], counts, norm: StepNormalizers) -> torch.Tensor:
+        rows = []
+        for b, c in zip(micro, counts):
+            w = F.pad(token_weights(b, c, norm, self.loss_type), (0, self.length - b.num_tokens))
+            if self.moe:
+                aux = self.aux_coef * aux_loss_weight(c, norm, self.loss_type)
+                w = torch.cat([w, w.new_tensor([aux])])
+            rows.append(w)
+        return (torch.stack(rows) * self.dp_size).float().to(self.device)
 
     def forward_backward(self, micro: list[PackedBatch]) -> tuple[float, int, int]:
         counts = [count_labels(b) for b in micro]
         norm = step_normalizers(counts, group=self.dp_group)
-        weights = torch.stack(
-            [
-                F.pad(token_weights(b, c, norm, self.loss_type), (0, self.length - b.num_tokens))
-                for b, c in zip(micro, counts)
-            ]
-        ).float()
-        args, media = stack_microbatches(micro, self.length)
-        args = tuple(a.to(self.device) for a in args)
-        for stage in self.stages:
-            stage.media = [{k: v.to(self.device) for k, v in m.items()} for m in media]
+        weights = self._weights(micro, counts, norm)
+        set_batches(self.stages, micro, self.length, self.device)
         losses: list = []
-        self.schedule.step(*args, target=weights.to(self.device), losses=losses)
-        local = sum(float(x.detach()) for x in losses) / self.dp_size  # only the last stage has losses
-        # Losses: summed over every rank (one last-stage rank per data shard); tokens over the data shards.
-        (loss,) = all_reduce_host([local])
+        self.schedule.step(mb=torch.arange(len(micro)), target=weights, losses=losses)
+        local = sum(float(x.detach()) for x in losses) / self.dp_size if self.reports else 0.0
+        (loss,) = all_reduce_host([local])  # one reporting rank per data shard
         (tokens,) = all_reduce_host([sum(b.num_tokens for b in micro)], group=self.dp_group)
         return loss, int(tokens), int(norm.tokens)
 

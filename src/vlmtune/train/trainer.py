@@ -170,16 +170,15 @@ class Trainer:
             prepare=lambda m: apply_freeze(m, cfg.freeze),
         )
         if info.parallel.pp > 1:
-            dp = info.dp_size
             pipe, stages = build_sharded_pipeline(
                 cfg.model.init_from_hf, info, n_microbatches=self.accum, length=cfg.train.micro_batch_tokens,
-                loss_fn=lambda out, weights: (out.float() * weights).sum() * dp,  # undo FSDP's dp average
                 chunk_size=cfg.loss.chunk_size, **build,
             )  # fmt: skip
             self.root, self.model = stages[0], stages[0].model
             self.strategy = PipelineStep(
-                pipe, stages, info, length=cfg.train.micro_batch_tokens, loss_type=cfg.loss.type
-            )
+                pipe, stages, info, length=cfg.train.micro_batch_tokens, loss_type=cfg.loss.type,
+                aux_coef=aux_coef(cfg, self.args),
+            )  # fmt: skip
         else:
             coef = aux_coef(cfg, self.args)
             self.root, self.model = build_sharded_model(

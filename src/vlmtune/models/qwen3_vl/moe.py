@@ -162,28 +162,61 @@ def load_balancing_loss(model: nn.Module, attention_mask: torch.Tensor | None = 
     if not ran:
         shares = [b.last_aux_loss for b in blocks if b.last_aux_loss is not None]
         return torch.stack(shares).sum() if shares else None
-    n_exp, k, dev = ran[0].num_experts, ran[0].top_k, ran[0]._probs.device
     bsz, seq = ran[0]._rows_shape
     if attention_mask is None:
-        w = torch.ones(bsz * seq, device=dev)
+        w = None
     else:
         if attention_mask.ndim != 2 or attention_mask.shape[0] != bsz or attention_mask.shape[1] < seq:
             raise ValueError(
                 f"attention_mask {tuple(attention_mask.shape)} does not cover the {bsz}x{seq} routed tokens"
             )
         # With a KV cache the mask covers cached + new tokens; the routed rows are the last `seq`.
-        w = attention_mask[:, -seq:].reshape(-1).to(dev, torch.float32)
-    rows = w.sum() * len(ran)
-    with torch.no_grad():  # counts carry no gradient (they come from topk), as in transformers
-        assigned = torch.zeros(n_exp, device=dev)
-        for b in ran:
-            assigned = assigned.scatter_add(0, b._index.reshape(-1), w.repeat_interleave(k))
-        f = assigned / rows
-    prob_sums = [(b._probs * w[:, None]).sum(0) for b in ran]
-    for b, p in zip(ran, prob_sums):
-        b.last_aux_loss = n_exp * (f * p / rows).sum()
-        b._probs = b._index = None
-    return n_exp * (f * torch.stack(prob_sums).sum(0) / rows).sum()
+        w = attention_mask[:, -seq:].reshape(-1).to(ran[0]._probs.device, torch.float32)
+    per_layer = [_layer_statistics(b, w) for b in ran]
+    total = per_layer[0]
+    for s in per_layer[1:]:
+        total = total + s  # layer by layer, as `router_statistics` folds them across pipeline stages
+    rows = (w.sum() if w is not None else torch.tensor(float(bsz * seq), device=total.device)) * len(ran)
+    f = total[0].detach() / rows
+    for b, s in zip(ran, per_layer):
+        b.last_aux_loss = b.num_experts * (f * s[1] / rows).sum()
+    return pooled_aux_loss(total, rows)
+
+
+def _layer_statistics(block: SparseMoE, row_weights: torch.Tensor | None) -> torch.Tensor:
+    """`[2, E]` fp32 of one layer's last forward: top-k assignments per expert (no gradient: they come from
+    topk, as in transformers) and summed router probabilities, rows weighted by `row_weights [N]`. Frees
+    the per-token routing state."""
+    probs, index = block._probs, block._index
+    w = row_weights if row_weights is not None else probs.new_ones(probs.shape[0])
+    with torch.no_grad():
+        assigned = probs.new_zeros(block.num_experts).scatter_add(
+            0, index.reshape(-1), w.repeat_interleave(block.top_k)
+        )
+    block._probs = block._index = None
+    return torch.stack([assigned, (probs * w[:, None]).sum(0)])
+
+
+def router_statistics(
+    model: nn.Module, row_weights: torch.Tensor | None = None, into: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """The load-balancing statistics of the sparse layers this model ran in its last forward, `[2, E]` fp32
+    (assignments, summed probabilities; see `_layer_statistics`), added layer by layer onto `into` (the
+    statistics of earlier pipeline stages). `row_weights [B*L]` (1 real token, 0 padding) drops rows. With
+    `pooled_aux_loss` on the last stage this is `load_balancing_loss` of the whole model, summed in the same
+    order. Frees the per-token routing state; returns `into` when no sparse layer ran."""
+    total = into
+    for b in sparse_blocks(model):
+        if b._probs is not None:
+            s = _layer_statistics(b, row_weights)
+            total = s if total is None else total + s
+    return total
+
+
+def pooled_aux_loss(stats: torch.Tensor, rows: torch.Tensor | float) -> torch.Tensor:
+    """`E * sum_e f_e * P_e` from the pooled `[2, E]` statistics and the (layer, token) row count."""
+    f = stats[0].detach() / rows
+    return stats.shape[1] * (f * stats[1] / rows).sum()
 
 
 def tokens_per_expert(model: nn.Module) -> dict[str, torch.Tensor]:

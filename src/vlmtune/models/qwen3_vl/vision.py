@@ -3,6 +3,10 @@
 Input is the processor's flattened patches `[N, C*T*P*P]` (N = sum of t*h*w over all images and videos,
 patches in 2x2-merge block order) plus `grid_thw [n, 3]`. Output is the merged features `[N/4, D_text]` and
 one DeepStack feature of the same shape per index in `deepstack_visual_indexes`.
+
+Blocks live in a `ModuleDict` keyed by their global index; a pipeline stage holding part of the tower has
+None for the modules it does not own (patch embedding, position table, mergers, DeepStack mergers of blocks
+elsewhere) and continues the previous stage's hidden states.
 """
 
 from __future__ import annotations
@@ -144,16 +148,19 @@ class VisionTower(nn.Module):
             [PatchMerger(args, postshuffle_norm=True) for _ in args.deepstack_visual_indexes]
         )
 
-    def forward(
-        self, patches: torch.Tensor, grid_thw: torch.Tensor
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(self, x: torch.Tensor, grid_thw: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """`x`: the patches `[N, C*T*P*P]`, or — on a pipeline stage without the patch embedding — the
+        previous stage's hidden states `[N, D]`. Returns the merged features `[N/4, D_text]` (the hidden
+        states `[N, D]` on a stage without the merger: the tower continues on the next stage) and the DeepStack
+        features of the blocks this tower holds (`deepstack_slots()` says which)."""
         a = self.args
-        side = int(round(a.num_position_embeddings**0.5))
-        grid_thw = grid_thw.to(patches.device)
-        x = self.patch_embed(patches)
-        taps, weights = interpolation_taps(grid_thw, side, a.spatial_merge_size)
-        pos = (self.pos_embed(taps) * weights[..., None].to(self.pos_embed.weight.dtype)).sum(1)
-        x = x + pos.to(x.dtype)
+        grid_thw = grid_thw.to(x.device)
+        if self.patch_embed is not None:
+            side = int(round(a.num_position_embeddings**0.5))
+            x = self.patch_embed(x)
+            taps, weights = interpolation_taps(grid_thw, side, a.spatial_merge_size)
+            pos = (self.pos_embed(taps) * weights[..., None].to(self.pos_embed.weight.dtype)).sum(1)
+            x = x + pos.to(x.dtype)
         cos, sin = vision_rope_cos_sin(grid_thw, a.head_dim, a.rope_theta, a.spatial_merge_size)
         cu_seqlens = vision_cu_seqlens(grid_thw)
         mask = None
@@ -172,16 +179,22 @@ class VisionTower(nn.Module):
             if int(i) in a.deepstack_visual_indexes:
                 j = a.deepstack_visual_indexes.index(int(i))
                 deepstack.append(self.deepstack_merger_list[j](x))
-        return self.merger(x), deepstack
+        return (self.merger(x) if self.merger is not None else x), deepstack
+
+    def deepstack_slots(self) -> list[int]:
+        """DeepStack indexes produced by the blocks this tower holds, in the order `forward` returns them."""
+        return [j for j, i in enumerate(self.args.deepstack_visual_indexes) if str(i) in self.blocks]
 
     def dummy_pass(self, device) -> torch.Tensor:
         """Sum of the tower's (and every DeepStack merger's) output on a 1 x merge x merge dummy grid.
 
         Data-parallel training adds 0 x this to the loss of a micro-batch without images or videos: under
         FSDP every rank must run the same sharded units forward and backward, or the ranks that saw images
-        wait forever for the others."""
+        wait forever for the others. A pipeline stage's part of the tower takes dummy hidden states."""
         merge = self.args.spatial_merge_size
-        dtype = self.patch_embed.proj.weight.dtype
-        patches = torch.zeros(merge * merge, self.args.patch_dim, device=device, dtype=dtype)
-        feats, deepstack = self(patches, torch.tensor([[1, merge, merge]], device=device))
+        first = self.patch_embed is not None
+        weight = self.patch_embed.proj.weight if first else next(self.parameters())
+        width = self.args.patch_dim if first else self.args.hidden_size
+        x = torch.zeros(merge * merge, width, device=device, dtype=weight.dtype)
+        feats, deepstack = self(x, torch.tensor([[1, merge, merge]], device=device))
         return feats.float().sum() + sum(d.float().sum() for d in deepstack)
