@@ -10,7 +10,7 @@ from torch import nn
 
 from vlmtune.constants import IGNORE_INDEX
 
-from .attention import build_mask, varlen_attn
+from .attention import build_mask, uses_varlen
 from .config import ModelArgs
 from .moe import load_balancing_loss
 from .rope import get_rope_index, text_rope_cos_sin
@@ -104,6 +104,7 @@ class Qwen3VL(nn.Module):
         position_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
         cache=None,
         return_hidden: bool = False,
         logits_to_keep: int = 0,
@@ -112,6 +113,8 @@ class Qwen3VL(nn.Module):
         `position_ids [3, 1, L]`) or cached decode (`cache`, explicit `position_ids`).
 
         `return_hidden=True` skips the lm_head and returns the final hidden states (chunked losses).
+        `max_seqlen` (the longest packed sample, a host int) spares FlashAttention a device sync; computed
+        here once if not given.
         """
         a = self.args
         if cu_seqlens is not None and input_ids.shape[0] != 1:
@@ -129,15 +132,17 @@ class Qwen3VL(nn.Module):
         )
         lq = input_ids.shape[1]
         s = lq + (cache.seq_len if cache is not None else 0)
-        flash = varlen_attn is not None and h.is_cuda and h.dtype in (torch.bfloat16, torch.float16)
         mask = None
-        if not (flash and cu_seqlens is not None):
+        if uses_varlen(h) and cu_seqlens is not None:  # FlashAttention varlen: no [L, L] mask
+            if max_seqlen is None:
+                max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())  # one sync per forward
+        else:
             mask = build_mask(
                 lq, s, causal=True, attention_mask=attention_mask, cu_seqlens=cu_seqlens, device=h.device
             )
         h = self.language_model(
             h, cos, sin, visual_index=visual_index, deepstack=deepstack, attention_mask=attention_mask,
-            cu_seqlens=cu_seqlens, mask=mask, cache=cache,
+            cu_seqlens=cu_seqlens, mask=mask, cache=cache, max_seqlen=max_seqlen,
         )  # fmt: skip
         aux = self.aux_loss(attention_mask)
         if return_hidden:
