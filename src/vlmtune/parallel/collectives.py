@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
+from torch.distributed._functional_collectives import all_to_all_single_autograd
 
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
@@ -67,8 +67,9 @@ def all_to_all_rows(x: torch.Tensor, out_splits: list[int], in_splits: list[int]
     """Differentiable all-to-all of the rows of `x`: `in_splits[r]` rows go to rank r, `out_splits[r]` come
     from it (host ints; the backward sends the gradients the other way)."""
     check_device(x, group)
-    out = x.new_empty(sum(out_splits), *x.shape[1:])
-    return dist_fn.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+    group = group if group is not None else dist.group.WORLD
+    out = all_to_all_single_autograd(x.contiguous(), out_splits, in_splits, group)
+    return out.wait() if hasattr(out, "wait") else out  # AsyncCollectiveTensor
 
 
 def barrier(group=None) -> None:

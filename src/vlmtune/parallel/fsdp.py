@@ -74,17 +74,19 @@ def _fsdp_call(self, fn, hidden):
 
 def _own_units(model: Qwen3VL, root: nn.Module) -> list[tuple[nn.Module, bool]]:
     """(module, reshard_after_forward) of the units besides the blocks, each gathered only while it runs:
-    the mergers, the token embedding and, when the root reads it through `call_lm_head`, the lm_head. Tied
-    embeddings (2B/4B) share one weight between first and last use: they stay in the root unit."""
+    the mergers and, for a root that declares `embedding_and_head_units` (it reads the lm_head through
+    `call_lm_head` and runs any dummy vision pass before the embedding, so every rank gathers the units in
+    one order), the token embedding and the lm_head. Tied embeddings (2B/4B) share one weight between first
+    and last use: they stay in the root unit."""
     units = []
     if model.visual is not None:  # None on later pipeline stages
         units += [(m, True) for m in (model.visual.merger, *model.visual.deepstack_merger_list)]
-    embed, head = model.language_model.embed_tokens, model.lm_head
-    if model.args.tie_word_embeddings:
+    if model.args.tie_word_embeddings or not getattr(root, "embedding_and_head_units", False):
         return units
+    embed, head = model.language_model.embed_tokens, model.lm_head
     if embed is not None:
         units.append((embed, True))
-    if head is not None and getattr(root, "reads_lm_head_through_call", False):
+    if head is not None:
         units.append((head, False))  # backward starts with it: keep it gathered from its forward on
     return units
 

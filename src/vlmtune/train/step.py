@@ -44,7 +44,7 @@ class TrainModule(nn.Module):
     run the same sharded units forward and backward. For the same reason the token embeddings always require
     grad in training (see `_embeddings_need_grad`)."""
 
-    reads_lm_head_through_call = True  # see parallel/fsdp.py `_own_units`
+    embedding_and_head_units = True  # FSDP may shard them as their own units (parallel/fsdp.py `_own_units`)
 
     def __init__(self, model: Qwen3VL, chunk_size: int = 1024, aux_coef: float = 0.0):
         super().__init__()
@@ -56,7 +56,7 @@ class TrainModule(nn.Module):
         """This micro-batch's share of the step loss: `sum_t weights_t * l_t` (+ its share of the aux loss)."""
         dummy = None
         if not batch.has_media:
-            # Before the decoder, where a batch with images runs the vision tower: the sharded units
+            # First, where a batch with images runs the vision tower (before the token embedding): the units
             # must be gathered in the same order on every rank.
             dummy = self.model.visual.dummy_pass(batch.input_ids.device)
         out = self.model(**batch.model_inputs(), max_seqlen=batch.max_seqlen, return_hidden=True)

@@ -62,7 +62,6 @@ class Qwen3VL(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor] | None]:
         """Token embeddings with vision features scattered in; returns (embeds, visual_index, deepstack)."""
         a = self.args
-        h = self.language_model.embed_tokens(input_ids)
         patches, grids, kinds = [], [], []
         if pixel_values is not None:
             patches.append(pixel_values)
@@ -73,10 +72,13 @@ class Qwen3VL(nn.Module):
             grids.append(video_grid_thw)
             kinds.append(("video", a.video_token_id, video_grid_thw))
         if not patches:
-            return h, None, None
-        # One pass over images and videos together: attention is per image/frame-pair anyway.
+            return self.language_model.embed_tokens(input_ids), None, None
+        # One pass over images and videos together: attention is per image/frame-pair anyway. The tower runs
+        # before the token embedding, as the dummy pass of a rank without media does (train/step.py): under
+        # FSDP every rank gathers the sharded units in the same order.
         dtype = self.visual.patch_embed.proj.weight.dtype
         feats, deepstack = self.visual(torch.cat(patches).to(dtype), torch.cat(grids))
+        h = self.language_model.embed_tokens(input_ids)
         b, n, d = h.shape
         flat_ids = input_ids.reshape(-1)
         index = []

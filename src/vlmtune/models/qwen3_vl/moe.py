@@ -39,7 +39,10 @@ def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
         index = x.device.index if x.device.index is not None else torch.cuda.current_device()
         return x.dtype == torch.bfloat16 and aligned and _cuda_capability(index) >= need
     if x.device.type == "cpu":
-        # The CPU kernel exists from torch 2.9 (F.grouped_mm from 2.10).
+        # The CPU kernel exists from torch 2.9 (F.grouped_mm from 2.10) and takes fp32 too, but the compiler's
+        # shape function accepts bf16 only.
+        if torch.compiler.is_compiling():
+            return hasattr(F, "grouped_mm") and x.dtype == torch.bfloat16
         aligned = not _CPU_NEEDS_ALIGNED or all(t.data_ptr() % 16 == 0 for t in (x, *weights))
         return hasattr(F, "grouped_mm") and aligned and x.dtype in (torch.float32, torch.bfloat16)
     return False
