@@ -167,6 +167,7 @@ class Trainer:
             dtype=getattr(torch, cfg.model.dtype),
             mixed_precision=cfg.train.mixed_precision,
             activation_checkpointing=cfg.model.activation_checkpointing,
+            compile=cfg.model.compile,
             prepare=lambda m: apply_freeze(m, cfg.freeze),
         )
         if info.parallel.pp > 1:
