@@ -4,7 +4,7 @@ OUT/gpu_report.json and OUT/gpu_report.md (the tables docs/performance.md takes)
 On the GPU machine (no network; Python 3.12, torch 2.11, transformers 5.17, pytest preinstalled), from the
 repository root, with .whl/ filled beforehand by `bash benchmarks/fetch_wheels.sh` where PyPI is reachable:
 
-    pip install --no-index --target .whl/site .whl/*.whl
+    pip install --no-index --no-deps --target .whl/site .whl/*.whl
     PYTHONPATH=src:.whl/site python benchmarks/gpu.py [--out gpu_out] [--only varlen,syncs] [--steps 3]
 
 On a CPU, `python benchmarks/gpu.py --dry-run` runs every section at toy sizes (gloo, SDPA with masks, no
@@ -36,14 +36,15 @@ import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-for path in (
-    os.path.join(ROOT, ".whl", "site"),
-    os.path.join(ROOT, "tests"),
-    os.path.join(ROOT, "src"),
+# The source tree and the wheels installed next to it (`--target .whl/site`): nothing needs to be installed.
+IMPORT_PATHS = [
     HERE,
-):
-    if os.path.isdir(path) and path not in sys.path:
-        sys.path.insert(0, path)
+    os.path.join(ROOT, "src"),
+    os.path.join(ROOT, "tests"),
+    os.path.join(ROOT, ".whl", "site"),
+]
+IMPORT_PATHS = [p for p in IMPORT_PATHS if os.path.isdir(p)]
+sys.path[:0] = IMPORT_PATHS
 
 import gpu_checks as checks  # noqa: E402
 import torch  # noqa: E402
@@ -55,7 +56,7 @@ SECTIONS = ("pytest", "varlen", "grouped_gemm", "syncs", "nccl_steps", "throughp
 # -- sections ----------------------------------------------------------------------------------------------
 def section_pytest(ctx) -> dict:
     """`pytest -m gpu` in a subprocess with this script's import path; its summary line and counts."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path[:4] if os.path.isdir(p))}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*IMPORT_PATHS, os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, *(["-S"] if sys.flags.no_site else []), "-m", "pytest", "-m", "gpu", "-q"]
     cmd += ["-p", "no:cacheprovider", *(["--collect-only"] if ctx["dry"] else []), "tests"]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -175,7 +176,9 @@ def main() -> int:
     ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
     ap.add_argument("--steps", type=int, default=3, help="timed optimizer steps per throughput run")
     ap.add_argument("--dry-run", action="store_true", help="toy sizes on the CPU: checks the script only")
+    ap.add_argument("--smoke", action="store_true", help="the same as --dry-run (every benchmark has --smoke)")
     a = ap.parse_args()
+    a.dry_run = a.dry_run or a.smoke
     only = [s for s in a.only.split(",") if s]
     unknown = set(only) - set(SECTIONS)
     if unknown:

@@ -122,7 +122,7 @@ def clip_and_norm(params: list[torch.Tensor], max_norm: float, pp_group=None) ->
     total = math.sqrt(all_reduce_host([local], group=pp_group)[0] if pp_group is not None else local)
     if max_norm > 0 and math.isfinite(total):
         for group in groups.values():
-            coef_norm = torch.tensor(total, dtype=torch.float64, device=group[0].grad.device)
+            coef_norm = torch.tensor(total, dtype=torch.float32, device=group[0].grad.device)
             torch.nn.utils.clip_grads_with_norm_(group, max_norm, coef_norm, foreach=True)
     return total
 
