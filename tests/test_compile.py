@@ -25,7 +25,7 @@ from vlmtune.models.qwen3_vl.moe import SparseMoE
 from vlmtune.models.qwen3_vl.rope import text_rope_cos_sin, vision_rope_cos_sin
 from vlmtune.models.qwen3_vl.text import DecoderLayer
 from vlmtune.models.qwen3_vl.vision import VisionBlock, vision_segments
-from vlmtune.parallel.fsdp import apply_compile
+from vlmtune.parallel.fsdp import _recompute_in_backward, apply_compile
 from vlmtune.testing import tiny_config_dict
 
 MOE = dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=48, decoder_sparse_step=1)
@@ -272,3 +272,59 @@ def test_apply_compile_keeps_names_and_results():
     compiled = run(module, x, rope, packed, mask, compiled=False)  # module.forward is now compiled
     for got, want in zip(compiled, eager):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_checkpointed_moe_layer_compiles_and_records_its_routing_once():
+    """Under full activation checkpointing the MoE layer's routing state is recorded by the forward and not
+    again by the recompute in backward (as eagerly), and the layer still compiles as one graph without host
+    reads, with the eager gradients."""
+    module, x, rope, packed, mask = text_layer(moe=True)
+    _recompute_in_backward(module)
+    eager = run(module, x, rope, packed, mask, compiled=False)
+    graphs: list = []
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
+        fn = torch.compile(module, fullgraph=True, backend=inspecting_backend(graphs))
+        module.zero_grad(set_to_none=True)
+        leaf = x.clone().requires_grad_()
+        out = fn(leaf, *rope, mask=mask, **packed)
+        assert module.mlp._probs is not None  # recorded by the forward
+        module.mlp._probs = None
+        out.pow(2).sum().backward()
+    assert module.mlp._probs is None  # not recorded again by the recompute
+    assert len(graphs) == 2 and [host_reads(g) for g in graphs] == [[], []]
+    compiled = [out.detach(), leaf.grad, *[p.grad for p in module.parameters()]]
+    for got, want in zip(compiled, eager):
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.slow
+def test_model_compile_through_fsdp_and_checkpointing_equals_eager(tmp_path):
+    """`model.compile: true` end to end on the CPU (eager backend): a MoE model under FSDP2 with full
+    activation checkpointing trains two steps with the losses of the uncompiled model."""
+    from test_train_utils import pack, random_sample, run_step, small_vocab_model
+    from vlmtune import save_pretrained
+    from vlmtune.parallel.mesh import close_distributed, init_distributed
+    from vlmtune.train.build import build_sharded_model
+    from vlmtune.train.config import TrainConfig
+    from vlmtune.train.optim import build_optimizer
+    from vlmtune.train.step import TrainModule
+
+    save_pretrained(small_vocab_model(torch.float32, moe=MOE), str(tmp_path))
+    batches = [pack([random_sample(0, 40, image=True), random_sample(1, 30)]), pack([random_sample(2, 50)])]
+    info = init_distributed("cpu")
+    losses = {}
+    try:
+        for compile in (False, True):
+            torch._dynamo.reset()
+            root, model = build_sharded_model(
+                str(tmp_path), lambda m: TrainModule(m, aux_coef=0.01), info,
+                activation_checkpointing="full", compile=compile,
+            )  # fmt: skip
+            cfg = TrainConfig()
+            cfg.optim.lr = 1e-3
+            optimizer = build_optimizer(model, cfg)
+            losses[compile] = [run_step(root, optimizer, batches, step=s).loss for s in range(2)]
+    finally:
+        close_distributed()
+    assert losses[True] == pytest.approx(losses[False], rel=1e-6)

@@ -133,7 +133,13 @@ def apply_compile(model: Qwen3VL, *, backend: str = "inductor") -> None:
     instance's `forward` so parameter names and FSDP's hooks around `__call__` stay as they are. Dense
     decoder layers and vision blocks compile as one graph (`fullgraph=True`: nothing in them needs the
     host); sparse layers may break the graph where their expert path needs host sizes (expert parallelism's
-    all-to-all splits, the per-expert loop without a grouped GEMM)."""
+    all-to-all splits, the per-expert loop without a grouped GEMM).
+
+    A MoE layer records its routing (aux loss, expert-load logging) as module state; eagerly, a checkpoint's
+    recompute skips that (`SparseMoE.forward`). Traced under a checkpoint, Dynamo is told the same where it
+    has the option (torch 2.13 does); without it the graph breaks at the checkpoint."""
+    if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     for block in blocks(model):
         sparse = isinstance(getattr(block, "mlp", None), SparseMoE)
         block.forward = torch.compile(block.forward, backend=backend, fullgraph=not sparse)
