@@ -328,3 +328,19 @@ def test_model_compile_through_fsdp_and_checkpointing_equals_eager(tmp_path):
     finally:
         close_distributed()
     assert losses[True] == pytest.approx(losses[False], rel=1e-6)
+
+
+def test_the_trainer_gives_every_attention_call_its_max_seqlen(varlen_on_cpu, caplog):
+    """Through `TrainModule` (the trainer's forward), every decoder layer and vision block reaches the varlen
+    kernel with the right host `max_seqlen` (the stand-in checks it against `cu_seqlens`), so none falls
+    back to reading it from the device."""
+    from test_train_utils import pack, random_sample, small_vocab_model, step_loss
+    from vlmtune.train.step import TrainModule
+
+    attention_mod._warn_once_max_seqlen.cache_clear()
+    model = small_vocab_model(torch.float32)
+    batch = pack([random_sample(0, 20, image=True), random_sample(1, 12), random_sample(2, 17)])
+    step_loss(TrainModule(model, chunk_size=8), [batch])
+    layers = len(model.language_model.layers) + len(model.visual.blocks)
+    assert varlen_on_cpu == {"fwd": layers, "bwd": layers}
+    assert "without max_seqlen" not in caplog.text

@@ -15,7 +15,9 @@ GPU. Callers check `uses_varlen(x)` first so that no `[L, L]` mask is built wher
 
 from __future__ import annotations
 
+import functools
 import inspect
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +28,7 @@ try:  # torch >= 2.9 (keyword arguments differ between releases: see `_varlen`)
 except ImportError:  # pragma: no cover - older torch falls back to SDPA with a mask
     varlen_attn = None
 
+log = logging.getLogger(__name__)
 _VARLEN_ARGS = set(inspect.signature(varlen_attn).parameters) if varlen_attn is not None else set()
 
 
@@ -33,6 +36,14 @@ def uses_varlen(x: torch.Tensor) -> bool:
     """Whether packed rows of activations like `x` run FlashAttention varlen (CUDA, bf16/fp16): then no
     `[L, L]` mask may be built for them."""
     return varlen_attn is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def _warn_once_max_seqlen() -> None:
+    log.warning(
+        "packed attention without max_seqlen: reading it from cu_seqlens waits for the GPU in every layer; "
+        "pass max_seqlen (PackedBatch.max_seqlen) down to attention()"
+    )
 
 
 def _varlen(q, k, v, cu: torch.Tensor, max_seqlen: int, causal: bool) -> torch.Tensor:
@@ -100,16 +111,16 @@ def attention(
     """q `[B, Hq, Lq, D]`, k/v `[B, Hkv, S, D]` (Hq a multiple of Hkv) -> `[B, Lq, Hq, D]`.
 
     `mask` may be passed prebuilt (`build_mask`) so a model builds it once for all layers. A packed row on
-    the FlashAttention path needs `max_seqlen`, the longest segment of `cu_seqlens` as a host integer.
+    the FlashAttention path takes `max_seqlen`, the longest segment of `cu_seqlens` as a host integer;
+    without it each call reads it from the device (a sync, with a warning the first time).
     """
     bsz, hq, lq, d = q.shape
     s = k.shape[2]
     if uses_varlen(q) and cu_seqlens is not None and attention_mask is None and lq == s and bsz == 1:
-        if max_seqlen is None:
-            raise ValueError(
-                "packed attention on CUDA needs max_seqlen (the longest sample, a host int; PackedBatch has it)"
-            )
         cu = cu_seqlens.to(device=q.device, dtype=torch.int32, non_blocking=True)
+        if max_seqlen is None:  # callers pass it (PackedBatch.max_seqlen); reading it here syncs every call
+            _warn_once_max_seqlen()
+            max_seqlen = int((cu[1:] - cu[:-1]).max())
         out = _varlen(*(t[0].transpose(0, 1) for t in (q, k, v)), cu, max_seqlen, causal)
         return out.unsqueeze(0)
     if mask is None:
