@@ -121,8 +121,10 @@ class Qwen3VL(nn.Module):
         a = self.args
         if cu_seqlens is not None and input_ids.shape[0] != 1:
             raise ValueError("packed input (cu_seqlens) must be a single row: input_ids [1, L]")
-        if attention_mask is not None and bool(attention_mask.all()) and cache is None:
-            attention_mask = None  # no padding: plain causal attention is faster and identical
+        if attention_mask is not None and bool(attention_mask.all()):
+            # No padding (training or an unpadded generation prefill): causal attention without an [L, L] mask
+            # (FlashAttention through SDPA on CUDA), identical; decode steps then need no mask either.
+            attention_mask = None
         h, visual_index, deepstack = self.embed(
             input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
         )
