@@ -176,7 +176,9 @@ def main() -> int:
     ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
     ap.add_argument("--steps", type=int, default=3, help="timed optimizer steps per throughput run")
     ap.add_argument("--dry-run", action="store_true", help="toy sizes on the CPU: checks the script only")
-    ap.add_argument("--smoke", action="store_true", help="the same as --dry-run (every benchmark has --smoke)")
+    ap.add_argument(
+        "--smoke", action="store_true", help="the same as --dry-run (every benchmark has --smoke)"
+    )
     a = ap.parse_args()
     a.dry_run = a.dry_run or a.smoke
     only = [s for s in a.only.split(",") if s]
