@@ -34,6 +34,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from vlmtune.errors import CheckpointError
+from vlmtune.parallel.collectives import all_gather_object, barrier
 
 from .hf import copy_assets
 
@@ -42,11 +43,6 @@ log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 HF_ASSETS = "hf_assets"
-
-
-def _barrier():
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _rank() -> int:
@@ -117,7 +113,7 @@ def save(
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-    _barrier()
+    barrier()
     state = {"model": get_model_state_dict(model)}
     if not no_save_optim:
         state["optim"] = get_optimizer_state_dict(model, optimizer)
@@ -127,10 +123,7 @@ def save(
         local["rng"] = rng_state()
     torch.save(local, os.path.join(tmp, f"rank_{rank:05d}.pt"))
     world = dist.get_world_size() if dist.is_initialized() else 1
-    dp_ranks = [rank if dp_rank is None else dp_rank]
-    if dist.is_initialized():
-        dp_ranks = [None] * world
-        dist.all_gather_object(dp_ranks, rank if dp_rank is None else dp_rank)
+    dp_ranks = all_gather_object(rank if dp_rank is None else dp_rank)
     if rank == 0:
         meta = {
             **meta,
@@ -145,10 +138,10 @@ def save(
             json.dump(meta, f, indent=2)
         os.makedirs(os.path.join(tmp, HF_ASSETS))
         copy_assets(source_dir, os.path.join(tmp, HF_ASSETS), with_config=True)
-    _barrier()  # every rank's shards are on disk
+    barrier()  # every rank's shards are on disk
     if rank == 0:
         publish(tmp, root, name, keep_last)
-    _barrier()
+    barrier()
     return final
 
 

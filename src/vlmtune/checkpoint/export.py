@@ -13,6 +13,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from vlmtune.errors import CheckpointError
 from vlmtune.models.qwen3_vl import Qwen3VL, build_model, load_config
+from vlmtune.parallel.collectives import barrier
 
 from .convert import native_to_hf
 from .dcp import HF_ASSETS, resolve
@@ -30,8 +31,7 @@ def export_model(model: Qwen3VL, out_dir: str, *, source_dir: str) -> None:
         if missing:
             raise CheckpointError(f"export: weights missing from the gathered state: {missing[:5]}")
         save_pretrained(plain, out_dir, source_dir=source_dir)
-    if dist.is_initialized():
-        dist.barrier()
+    barrier()
 
 
 def load_model_from_checkpoint(path: str) -> Qwen3VL:

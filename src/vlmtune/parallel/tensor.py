@@ -13,7 +13,6 @@ Norms, the patch embedding and the position table are replicated.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
@@ -24,6 +23,8 @@ from torch.distributed.tensor.parallel import (
 
 from vlmtune.errors import ParallelError
 from vlmtune.models.qwen3_vl import ModelArgs, Qwen3VL
+
+from .collectives import all_reduce_
 
 
 def _divisors_note(name: str, n: int) -> str:
@@ -118,17 +119,17 @@ class _VocabParallelCE(torch.autograd.Function):
     def forward(ctx, logits, target, vocab_start, group):
         logits = logits.float()
         local_max = logits.max(dim=-1).values
-        dist.all_reduce(local_max, op=dist.ReduceOp.MAX, group=group)
+        all_reduce_(local_max, group, op="max")
         shifted = logits - local_max[:, None]
         exp = shifted.exp()
         sum_exp = exp.sum(-1)
-        dist.all_reduce(sum_exp, group=group)
+        all_reduce_(sum_exp, group)
         local_t = target - vocab_start
         mine = (local_t >= 0) & (local_t < logits.shape[-1])
         picked = torch.zeros_like(sum_exp)
         rows = mine.nonzero().squeeze(1)
         picked[rows] = shifted[rows, local_t[rows]]
-        dist.all_reduce(picked, group=group)
+        all_reduce_(picked, group)
         softmax = exp / sum_exp[:, None]
         ctx.save_for_backward(softmax, rows, local_t)
         return sum_exp.log() - picked

@@ -33,6 +33,7 @@ def build_sharded_model(
     dtype: torch.dtype = torch.float32,
     mixed_precision: str = "fp32",
     activation_checkpointing: str = "none",
+    compile: bool = False,
     prepare: Callable[[Qwen3VL], object] | None = None,
 ):
     """Meta build -> `prepare(model)` (freezing) -> tensor parallelism -> `root_factory(model)` (the module
@@ -47,7 +48,7 @@ def build_sharded_model(
     root = root_factory(model)
     parallelize(
         root, model, info, dtype=dtype, mixed_precision=mixed_precision,
-        activation_checkpointing=activation_checkpointing,
+        activation_checkpointing=activation_checkpointing, compile=compile,
     )  # fmt: skip
     _allocate_and_load(root, model, path, info.device)
     return root, model
@@ -62,6 +63,7 @@ def build_sharded_pipeline(
     dtype: torch.dtype = torch.float32,
     mixed_precision: str = "fp32",
     activation_checkpointing: str = "none",
+    compile: bool = False,
     prepare: Callable[[Qwen3VL], object] | None = None,
     chunk_size: int = 4096,
 ):
@@ -81,7 +83,7 @@ def build_sharded_pipeline(
     def wrap(stage: PipelineStageModule) -> nn.Module:
         parallelize(
             stage, stage.model, info, dtype=dtype, mixed_precision=mixed_precision,
-            activation_checkpointing=activation_checkpointing,
+            activation_checkpointing=activation_checkpointing, compile=compile,
         )  # fmt: skip
         _allocate_and_load(stage, stage.model, path, info.device, partial=True)
         stage.dummy_vision, stage.chunk_size = True, chunk_size

@@ -24,7 +24,7 @@ from vlmtune.checkpoint.export import export_model
 from vlmtune.data import build_loader, build_processor, load_samples
 from vlmtune.errors import ConfigError, DataError
 from vlmtune.models.qwen3_vl import ModelArgs, load_config
-from vlmtune.parallel.collectives import all_reduce_host
+from vlmtune.parallel.collectives import all_reduce_host, barrier
 from vlmtune.parallel.layout import ParallelConfig, resolve
 from vlmtune.parallel.mesh import DistInfo, close_distributed, init_distributed, world_size
 
@@ -167,6 +167,7 @@ class Trainer:
             dtype=getattr(torch, cfg.model.dtype),
             mixed_precision=cfg.train.mixed_precision,
             activation_checkpointing=cfg.model.activation_checkpointing,
+            compile=cfg.model.compile,
             prepare=lambda m: apply_freeze(m, cfg.freeze),
         )
         if info.parallel.pp > 1:
@@ -335,7 +336,7 @@ class Trainer:
             if self.info.parallel.pp > 1:  # no rank holds the whole model: stream the checkpoint just saved
                 if self.main:
                     native_to_hf(checkpoint.latest(cfg.output_dir), hf_dir)
-                torch.distributed.barrier()
+                barrier()
             else:
                 export_model(self.model, hf_dir, source_dir=cfg.model.init_from_hf)
             summary["hf"] = hf_dir

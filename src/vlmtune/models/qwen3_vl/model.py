@@ -10,7 +10,7 @@ from torch import nn
 
 from vlmtune.constants import IGNORE_INDEX
 
-from .attention import build_mask, varlen_attn
+from .attention import build_mask, uses_varlen
 from .config import ModelArgs
 from .moe import load_balancing_loss
 from .rope import get_rope_index, text_rope_cos_sin
@@ -165,6 +165,7 @@ class Qwen3VL(nn.Module):
         position_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
         cache=None,
         return_hidden: bool = False,
         logits_to_keep: int = 0,
@@ -183,11 +184,16 @@ class Qwen3VL(nn.Module):
         `deepstack_embeds` (dense DeepStack features). It returns the same fields for the next stage; a stage
         without the final norm returns its decoder output un-normed and no aux loss (the pipeline pools the
         router statistics across stages, `moe.router_statistics`).
+
+        `max_seqlen` (the longest packed sample, a host int) spares FlashAttention a device sync; computed
+        here once if not given.
         """
         if cu_seqlens is not None and (hidden_states if input_ids is None else input_ids).shape[0] != 1:
             raise ValueError("packed input (cu_seqlens) must be a single row: input_ids [1, L]")
-        if attention_mask is not None and bool(attention_mask.all()) and cache is None:
-            attention_mask = None  # no padding: plain causal attention is faster and identical
+        if attention_mask is not None and bool(attention_mask.all()):
+            # No padding (training or an unpadded generation prefill): causal attention without an [L, L] mask
+            # (FlashAttention through SDPA on CUDA), identical; decode steps then need no mask either.
+            attention_mask = None
         visual_index, deepstack = None, deepstack_embeds
         if hidden_states is None:
             vision = self.encode_vision(
@@ -201,7 +207,7 @@ class Qwen3VL(nn.Module):
             h = hidden_states
         h = self.decode(
             h, input_ids, position_ids, image_grid_thw, video_grid_thw, attention_mask, cu_seqlens, cache,
-            visual_index=visual_index, deepstack=deepstack,
+            visual_index=visual_index, deepstack=deepstack, max_seqlen=max_seqlen,
         )  # fmt: skip
         whole = hidden_states is None and self.language_model.norm is not None
         aux = self.aux_loss(attention_mask) if whole else None
@@ -228,7 +234,7 @@ class Qwen3VL(nn.Module):
 
     def decode(
         self, h, input_ids, position_ids, image_grid_thw, video_grid_thw, attention_mask, cu_seqlens, cache,
-        *, visual_index=None, deepstack=None,
+        *, visual_index=None, deepstack=None, max_seqlen=None,
     ) -> torch.Tensor:  # fmt: skip
         """The decoder layers this model holds (and the final norm, if it holds it) on embeddings `h`."""
         a = self.args
@@ -240,15 +246,17 @@ class Qwen3VL(nn.Module):
         )
         lq = h.shape[1]
         s = lq + (cache.seq_len if cache is not None else 0)
-        flash = varlen_attn is not None and h.is_cuda and h.dtype in (torch.bfloat16, torch.float16)
         mask = None
-        if not (flash and cu_seqlens is not None):
+        if uses_varlen(h) and cu_seqlens is not None:  # FlashAttention varlen: no [L, L] mask
+            if max_seqlen is None:
+                max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())  # one sync per forward
+        else:
             mask = build_mask(
                 lq, s, causal=True, attention_mask=attention_mask, cu_seqlens=cu_seqlens, device=h.device
             )
         return self.language_model(
             h, cos, sin, visual_index=visual_index, deepstack=deepstack, attention_mask=attention_mask,
-            cu_seqlens=cu_seqlens, mask=mask, cache=cache,
+            cu_seqlens=cu_seqlens, mask=mask, cache=cache, max_seqlen=max_seqlen,
         )  # fmt: skip
 
     def positions(

@@ -17,10 +17,18 @@ from torch import nn
 from .config import TextArgs
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+# Up to torch 2.10 the CPU grouped GEMM needs 16-byte aligned data; later releases take any pointer.
+_CPU_NEEDS_ALIGNED = torch.torch_version.TorchVersion(torch.__version__) < "2.11"
+
+
+@torch.compiler.assume_constant_result
+def _cuda_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """Whether PyTorch has a grouped GEMM kernel for `x`'s device and dtype (and these expert weights)."""
+    """Whether PyTorch has a grouped GEMM kernel for `x`'s device and dtype (and these expert weights).
+    Decided from devices, dtypes and shapes alone, so it traces under `torch.compile`."""
     if _grouped_mm is None:
         return False
     if x.device.type == "cuda":
@@ -28,12 +36,23 @@ def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
         # every row stride a multiple of 16 bytes.
         need = (8, 0) if hasattr(F, "grouped_mm") else (9, 0)
         aligned = all(d % 8 == 0 for w in weights for d in w.shape[1:]) and x.shape[-1] % 8 == 0
-        return x.dtype == torch.bfloat16 and aligned and torch.cuda.get_device_capability(x.device) >= need
+        index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+        return x.dtype == torch.bfloat16 and aligned and _cuda_capability(index) >= need
     if x.device.type == "cpu":
-        # The CPU kernel exists from torch 2.9 (F.grouped_mm from 2.10); up to 2.10 it needs 16-byte aligned data.
-        aligned = all(t.data_ptr() % 16 == 0 for t in (x, *weights))
+        # The CPU kernel exists from torch 2.9 (F.grouped_mm from 2.10) and takes fp32 too, but the compiler's
+        # shape function accepts bf16 only.
+        if torch.compiler.is_compiling():
+            return hasattr(F, "grouped_mm") and x.dtype == torch.bfloat16
+        aligned = not _CPU_NEEDS_ALIGNED or all(t.data_ptr() % 16 == 0 for t in (x, *weights))
         return hasattr(F, "grouped_mm") and aligned and x.dtype in (torch.float32, torch.bfloat16)
     return False
+
+
+def count_per_expert(index: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """`[E]` int64 (token, expert) assignment counts of `index`. A scatter-add of fixed size: unlike
+    `torch.bincount`, whose output size depends on the data, it never waits for the GPU."""
+    flat = index.reshape(-1)
+    return flat.new_zeros(num_experts).scatter_add_(0, flat, torch.ones_like(flat))
 
 
 def swiglu_by_expert(
@@ -45,6 +64,7 @@ def swiglu_by_expert(
         offs = counts.cumsum(0).to(torch.int32)
         gate, up = _grouped_mm(rows, gate_up, offs=offs).chunk(2, dim=-1)
         return _grouped_mm(F.silu(gate) * up, down, offs=offs)
+    # The fallback loop needs the sizes on the host (one sync); the grouped path never does.
     # split/unbind (not slicing): their backward writes one gradient tensor, not one per expert.
     sizes = counts.tolist()
     parts = []
@@ -72,7 +92,7 @@ def expert_mlp(
     n, k = index.shape
     flat = index.reshape(-1)
     order = torch.argsort(flat, stable=True)  # stable: each expert's rows stay in token order
-    counts = torch.bincount(flat, minlength=gate_up.shape[0])
+    counts = count_per_expert(flat, gate_up.shape[0])
     y = swiglu_by_expert(x[order // k], gate_up, down, counts, grouped=grouped)
     y = y * weights.reshape(-1)[order, None]
     # Back to (token, slot) order, then sum the k slots of each token.
@@ -136,7 +156,8 @@ class SparseMoE(nn.Module):
         out, counts = self.experts(flat, index, weights)
         # Inside backward this is an activation-checkpoint recompute: the forward already recorded this
         # routing, and holding the recomputed graph on the module would undo the checkpoint's memory saving.
-        if torch._C._current_graph_task_id() == -1:
+        # (A compiled block recomputes inside its own backward graph, never through this Python code.)
+        if torch.compiler.is_compiling() or torch._C._current_graph_task_id() == -1:
             self.last_tokens_per_expert = counts.detach()
             self.last_aux_loss = None  # set by `load_balancing_loss` (the model runs it after every forward)
             self._probs, self._index, self._rows_shape = probs, index, (shape[0], flat.shape[0] // shape[0])

@@ -51,7 +51,9 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
         self.core_attention = CoreAttention(causal=True)
 
-    def forward(self, x, cos, sin, *, attention_mask=None, cu_seqlens=None, mask=None, cache=None):
+    def forward(
+        self, x, cos, sin, *, attention_mask=None, cu_seqlens=None, mask=None, cache=None, max_seqlen=None
+    ):
         b, n, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(b, n, -1, self.head_dim)).transpose(1, 2)
         k = self.k_norm(self.k_proj(x).view(b, n, -1, self.head_dim)).transpose(1, 2)
@@ -59,7 +61,9 @@ class Attention(nn.Module):
         q, k = rotate(q, cos[:, None], sin[:, None]), rotate(k, cos[:, None], sin[:, None])
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        out = self.core_attention(q, k, v, attention_mask=attention_mask, cu_seqlens=cu_seqlens, mask=mask)
+        out = self.core_attention(
+            q, k, v, attention_mask=attention_mask, cu_seqlens=cu_seqlens, mask=mask, max_seqlen=max_seqlen
+        )
         return self.o_proj(out.reshape(b, n, -1))
 
 
