@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import logging
 import os
 import re
 import shutil
@@ -34,6 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from cli_runner import SRC, CliServer
 from test_train_utils import make_run_checkpoint
+from vlmtune.checkpoint import load_pretrained
 from vlmtune.data import DataConfig
 
 ERROR_LINE = re.compile(r"^(vlmtune[\w -]*: )?error: \S", re.MULTILINE)
@@ -433,6 +435,17 @@ def test_bad_model_directory_through_train(corpus, cli, kind):
     assert_clean_error(r, expect)
 
 
+def test_float_weights_load_into_another_float_dtype_said_once(corpus, caplog):
+    half = _variant(
+        corpus, "bf16_weights", _tensors_edit(lambda t: t.update({k: v.bfloat16() for k, v in t.items()}))
+    )
+    with caplog.at_level(logging.INFO, logger="vlmtune"):
+        model = load_pretrained(half, dtype=torch.float32)
+    said = [r.getMessage() for r in caplog.records if "weights loaded as" in r.getMessage()]
+    assert said == [f"{half}: bfloat16 weights loaded as float32"]
+    assert next(model.parameters()).dtype == torch.float32
+
+
 def _train_cases(corpus) -> dict:
     """name: (config mapping or raw file text, overrides, expected message)."""
     root, data = corpus["root"], corpus["data"]
@@ -733,23 +746,11 @@ def test_torchrun_two_ranks_stop_together(corpus, kind):
     assert "exitcode  : 2" in proc.stderr  # torchrun's own report names our exit status
 
 
-def test_a_file_only_one_rank_misses_stops_both_ranks(corpus, mixed_run):
-    """Rank 1's per-rank checkpoint state is missing, rank 0's is there: without agreement rank 0 would wait
-    in the checkpoint load's collective for ever. Launched without torchrun, whose agent would kill it."""
-    run = os.path.join(corpus["root"], "two_ranks")
-    _linked_copy(os.path.join(mixed_run[0], "checkpoints"), os.path.join(run, "checkpoints"))
-    step = _step(run)
-    meta = json.load(open(os.path.join(step, "meta.json")))
-    meta.update(world_size=2, dp_size=2, dp_rank_of_rank=[0, 1])  # as if saved by two ranks ...
-    _replace_file(
-        os.path.join(step, "meta.json"), json.dumps(meta).encode()
-    )  # ... the second one's file lost
-    cfg = train_config(corpus, run, train={"epochs": 0, "train_iters": 99, "global_batch_tokens": 2 * MICRO})
-    path = write_config(os.path.join(corpus["root"], "two_ranks.yaml"), cfg)
-    port, start = _free_port(), time.perf_counter()
+def _two_ranks(argv: list[str], port: int) -> tuple[list[int], list[str]]:
+    """`vlmtune argv` as ranks 0 and 1 of a world of two (the environment torchrun sets, without its agent)."""
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "vlmtune.cli", "train", path],
+            [sys.executable, "-m", "vlmtune.cli", *argv],
             env={
                 **cli_env(),
                 "RANK": str(r),
@@ -769,7 +770,47 @@ def test_a_file_only_one_rank_misses_stops_both_ranks(corpus, mixed_run):
     finally:
         for p in procs:
             p.kill()
-    assert [p.returncode for p in procs] == [2, 2], outputs
+    return [p.returncode for p in procs], outputs
+
+
+def test_a_file_only_one_rank_misses_stops_both_ranks(corpus, mixed_run):
+    """Rank 1's per-rank checkpoint state is missing, rank 0's is there: without agreement rank 0 would wait
+    in the checkpoint load's collective for ever. Launched without torchrun, whose agent would kill it."""
+    run = os.path.join(corpus["root"], "two_ranks")
+    _linked_copy(os.path.join(mixed_run[0], "checkpoints"), os.path.join(run, "checkpoints"))
+    step = _step(run)
+    meta = json.load(open(os.path.join(step, "meta.json")))
+    meta.update(
+        world_size=2, dp_size=2, dp_rank_of_rank=[0, 1]
+    )  # as if saved by two ranks, rank 1's file lost
+    _replace_file(os.path.join(step, "meta.json"), json.dumps(meta).encode())
+    cfg = train_config(corpus, run, train={"epochs": 0, "train_iters": 99, "global_batch_tokens": 2 * MICRO})
+    codes, outputs, elapsed = _two_rank_train(
+        write_config(os.path.join(corpus["root"], "two_ranks.yaml"), cfg)
+    )
+    assert codes == [2, 2], outputs
     assert all("Traceback" not in o for o in outputs), outputs
-    _assert_one_message("".join(outputs), "rank 1: ", time.perf_counter() - start)
+    _assert_one_message("".join(outputs), "rank 1: ", elapsed)
     assert "rank_00001.pt: missing" in outputs[0]  # rank 0 prints rank 1's problem
+
+
+def test_a_bad_sample_one_rank_decodes_stops_both_ranks(corpus):
+    """`on_bad_sample: error` and a truncated JPEG that only one rank's micro-batch holds (found while
+    decoding, in a DataLoader worker): the step's agreement stops both ranks before the forward."""
+    _prerequisites(corpus)
+    out = os.path.join(corpus["root"], "two_ranks_decode")
+    cfg = train_config(corpus, out, data={"dataset": "truncated.jsonl", "on_bad_sample": "error"},
+                       train={"epochs": 0, "train_iters": 2, "global_batch_tokens": 2 * MICRO})  # fmt: skip
+    codes, outputs, elapsed = _two_rank_train(write_config(os.path.join(corpus["root"], "decode.yaml"), cfg))
+    assert codes == [2, 2], outputs
+    assert all("Traceback" not in o for o in outputs), outputs
+    _assert_one_message("".join(outputs), "line 2: corrupt_image", elapsed)
+
+
+def _two_rank_train(config: str) -> tuple[list[int], list[str], float]:
+    for _ in range(3):  # another job on this machine may take the free port first: try another
+        start = time.perf_counter()
+        codes, outputs = _two_ranks(["train", config], _free_port())
+        if "Address already in use" not in "".join(outputs):
+            break
+    return codes, outputs, time.perf_counter() - start

@@ -148,8 +148,18 @@ def read_meta(path: str) -> dict:
         raise CheckpointError(
             f"{file}: unreadable ({e}); the checkpoint is damaged: use another step"
         ) from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int) or "world_size" not in meta:
-        raise CheckpointError(f"{file}: not a vlmtune checkpoint's meta.json (needs 'step' and 'world_size')")
+
+    def count(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    ok = isinstance(meta, dict) and count(meta.get("step")) and count(meta.get("world_size"))
+    ok = ok and count(meta.get("dp_size", 0))
+    ranks = meta.get("dp_rank_of_rank", []) if ok else None
+    if not ok or not isinstance(ranks, list) or not all(count(r) for r in ranks):
+        raise CheckpointError(
+            f"{file}: not a vlmtune checkpoint's meta.json (needs 'step' and 'world_size'; 'dp_size' and "
+            "'dp_rank_of_rank' when present must be counts); the checkpoint is damaged: use another step"
+        )
     return meta
 
 

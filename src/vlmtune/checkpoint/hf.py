@@ -175,7 +175,7 @@ def load_weights(model, path: str, names: set[str] | None = None, *, partial: bo
             param.copy_(value.to(param.dtype))
             loaded.add(native)
     for src, dst in sorted(casts, key=str):
-        log.info("%s: %s weights loaded as %s", path, str(src).replace("torch.", ""), dst)
+        log.info("%s: %s weights loaded as %s", path, *(str(t).replace("torch.", "") for t in (src, dst)))
     if unexpected:
         raise CheckpointError(f"{path}: tensors the model does not have: {sorted(unexpected)[:10]}")
     missing = sorted(wanted - loaded)
@@ -237,8 +237,10 @@ def ensure_dir(path: str, what: str) -> None:
     """Create the output directory `path` (named `what` in the message when that is impossible)."""
     try:
         os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise CheckpointError(f"{what} {path}: cannot create the directory ({e.strerror or e})") from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL character in the path
+        raise CheckpointError(
+            f"{what} {path!r}: cannot create the directory ({getattr(e, 'strerror', None) or e})"
+        ) from None
 
 
 def write_hf_checkpoint(

@@ -125,7 +125,16 @@ def inspect_dataset(cfg, processor, max_tokens: int) -> tuple[dict, list[int]]:
 
 
 def run_inspect(args) -> int:
-    logging.getLogger("vlmtune.data").setLevel(logging.ERROR)  # the report below lists skips by reason
+    data_log = logging.getLogger("vlmtune.data")
+    level = data_log.level
+    data_log.setLevel(logging.ERROR)  # the report lists skips by reason
+    try:
+        return _inspect(args)
+    finally:
+        data_log.setLevel(level)
+
+
+def _inspect(args) -> int:
     cfg = DataConfig(
         dataset=args.dataset,
         dataset_dir=args.dataset_dir,

@@ -148,8 +148,10 @@ def read_records(path: str) -> list[tuple[str, object]]:
     try:
         with open(path, "rb") as f:
             raw = f.read()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read the dataset file ({e.strerror or e})") from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL character in the path
+        raise DataError(
+            f"{path!r}: cannot read the dataset file ({getattr(e, 'strerror', None) or e})"
+        ) from None
     text = raw.removeprefix(codecs.BOM_UTF8).decode("utf-8", errors="surrogateescape")
     if text.lstrip()[:1] == "[":
         try:

@@ -107,8 +107,10 @@ def train(cfg: TrainConfig) -> dict:
 def make_output_dir(path: str) -> None:
     try:
         os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"output_dir {path!r}: cannot create the directory ({e.strerror or e})") from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL character in the path
+        raise ConfigError(
+            f"output_dir {path!r}: cannot create the directory ({getattr(e, 'strerror', None) or e})"
+        ) from None
 
 
 class StopRequest:
@@ -390,7 +392,10 @@ class Trainer:
         with ranks_agree():
             self.build_model()
         self.resume()
-        self.logger = MetricsLogger(self.cfg.output_dir, self.cfg, rank=self.info.rank, resume_step=self.step)
+        with ranks_agree():  # rank 0 rewrites metrics.jsonl up to the resumed step
+            self.logger = MetricsLogger(
+                self.cfg.output_dir, self.cfg, rank=self.info.rank, resume_step=self.step
+            )
         if self.main:
             self._announce()
         self.stop = StopRequest()
