@@ -1,6 +1,6 @@
 """Samples/s of `Processor.encode` on real photos vs the transformers pipeline on the same files, CPU.
 
-    python benchmarks/bench_data.py [--repeats 5] [--threads 2] [--max-pixels 1003520]
+    python benchmarks/bench_data.py [--repeats 5] [--threads 2] [--max-pixels 1003520] [--smoke]
 
 Each sample is a one-image question and answer over the scikit-image photos. The transformers side does the
 same work as `Qwen3VLProcessor` for images (its processor class cannot be built here without torchvision):
@@ -26,7 +26,10 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5, help="passes over the photo set (median reported)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (DataLoader workers run with 1)")
     ap.add_argument("--max-pixels", type=int, default=1003520, help="image_max_pixels for both sides")
+    ap.add_argument("--smoke", action="store_true", help="two small photos, one pass: seconds (CI)")
     args = ap.parse_args()
+    if args.smoke:
+        args.repeats, args.max_pixels = 1, 65536
     torch.set_num_threads(args.threads)
 
     import skimage
@@ -40,7 +43,7 @@ def main() -> int:
     root = os.path.join(os.path.dirname(skimage.__file__), "data")
     names = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "camera.png", "motorcycle_left.png"]
     names += ["motorcycle_right.png", "hubble_deep_field.jpg", "immunohistochemistry.png", "retina.jpg"]
-    names = [n for n in names if os.path.exists(os.path.join(root, n))]
+    names = [n for n in names if os.path.exists(os.path.join(root, n))][: 2 if args.smoke else None]
     samples = [
         {
             "messages": [

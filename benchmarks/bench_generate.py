@@ -1,6 +1,6 @@
 """Generation speed: vlmtune's KV-cache `generate` vs transformers' `generate`, same checkpoint, same prompts, CPU.
 
-    python benchmarks/bench_generate.py [--new-tokens 64] [--repeats 5] [--threads 1]
+    python benchmarks/bench_generate.py [--new-tokens 64] [--repeats 5] [--threads 1] [--smoke]
 
 Both run greedy with no stop token, so every row produces exactly `--new-tokens` tokens. For each batch
 shape the prefill time is the time to the first token (`max_new_tokens=1`), and decode speed is
@@ -24,7 +24,7 @@ from vlmtune.infer import generate, left_pad
 from vlmtune.testing import make_tiny_checkpoint
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_model import CONFIG  # noqa: E402  the same small model in every benchmark
+from bench_model import CONFIG, SMOKE_CONFIG  # noqa: E402  the same small model in every benchmark
 
 PAD, IMAGE, VIDEO = 151643, 151655, 151656
 
@@ -99,11 +99,15 @@ def main() -> None:
     ap.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (1 is stable on a busy machine)"
     )
+    ap.add_argument("--smoke", action="store_true", help="4 new tokens, one repeat: seconds (CI)")
     args = ap.parse_args()
+    if args.smoke:
+        args.new_tokens, args.repeats = 4, 1
     torch.set_num_threads(args.threads)
     n = args.new_tokens
+    config = SMOKE_CONFIG if args.smoke else CONFIG
     with tempfile.TemporaryDirectory() as d:
-        make_tiny_checkpoint(d, seed=0, **CONFIG)
+        make_tiny_checkpoint(d, seed=0, **config)
         tok = AutoTokenizer.from_pretrained(d)
         ours = load_pretrained(d, dtype=torch.float32).eval()
         hf = AutoModelForImageTextToText.from_pretrained(
@@ -121,8 +125,8 @@ def main() -> None:
             }
             rows.append((f"{name} (L={length})", res))
     print(
-        f"\nCPU, {args.threads} threads, fp32, {n} new tokens, config {CONFIG['text_layers']} layers x "
-        f"{CONFIG['text_hidden']} hidden, vocab 151936\n"
+        f"\nCPU, {args.threads} threads, fp32, {n} new tokens, config {config['text_layers']} layers x "
+        f"{config['text_hidden']} hidden, vocab 151936\n"
     )
     header = f"{'case':34} {'prefill ms':>22} {'ratio':>6} {'decode tok/s':>24} {'ratio':>6}"
     print(header)

@@ -1,6 +1,6 @@
 """Forward+backward time and peak memory: native Qwen3-VL vs transformers, same config, same inputs, CPU.
 
-    python benchmarks/bench_model.py [--iters 5] [--threads 2]
+    python benchmarks/bench_model.py [--iters 5] [--threads 2] [--smoke]
 
 Each implementation runs in its own subprocess so peak RSS (ru_maxrss) is its own; the table prints the
 median step time, the peak-RSS increase over the loaded model, and ours/transformers ratios.
@@ -36,16 +36,21 @@ CONFIG = dict(
     num_position_embeddings=256,
 )
 SAMPLE = [40, ("image", 16, 16), 60, ("image", 12, 20), 80, ("video", 2, 8, 8), 60]
+# `--smoke` (CI, every benchmark): the tests' tiny widths and a short sample; checks the code runs, measures
+# nothing.
+SMOKE_CONFIG = dict(text_hidden=64, text_layers=2, heads=4, kv_heads=2, head_dim=16, mrope_section=(2, 3, 3),
+                    vision_hidden=32, vision_depth=2, vision_heads=2, deepstack=(0,), num_position_embeddings=64)  # fmt: skip
+SMOKE_SAMPLE = [10, ("image", 4, 4), 10]
 
 
 def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_one(impl: str, ckpt: str, iters: int) -> dict:
+def run_one(impl: str, ckpt: str, iters: int, smoke: bool) -> dict:
     from model_inputs import build_sample, hf_kwargs, ours_kwargs
 
-    inputs = build_sample(SAMPLE, seed=0)
+    inputs = build_sample(SMOKE_SAMPLE if smoke else SAMPLE, seed=0)
     labels = inputs["input_ids"].clone()
     if impl == "vlmtune":
         from vlmtune import load_pretrained
@@ -79,16 +84,19 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--smoke", action="store_true", help="one timed iteration: seconds (CI)")
     p.add_argument("--child", nargs=2, metavar=("IMPL", "CKPT"), help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.smoke:
+        a.iters = 1
     torch.set_num_threads(a.threads)
     if a.child:
-        print(json.dumps(run_one(a.child[0], a.child[1], a.iters)))
+        print(json.dumps(run_one(a.child[0], a.child[1], a.iters, a.smoke)))
         return
     from vlmtune.testing import make_tiny_checkpoint
 
     with tempfile.TemporaryDirectory() as ckpt:
-        make_tiny_checkpoint(ckpt, seed=0, assets=False, **CONFIG)
+        make_tiny_checkpoint(ckpt, seed=0, assets=False, **(SMOKE_CONFIG if a.smoke else CONFIG))
         res = {}
         for impl in ("transformers", "vlmtune"):
             out = subprocess.run(
@@ -102,6 +110,7 @@ def main() -> None:
                     "--child",
                     impl,
                     ckpt,
+                    *(["--smoke"] if a.smoke else []),
                 ],
                 check=True,
                 capture_output=True,

@@ -1,6 +1,6 @@
 """MoE layer forward+backward on CPU: our grouped paths vs a naive per-token loop vs transformers' experts.
 
-    python benchmarks/bench_moe.py [--tokens 2048 --hidden 512 --inter 256 --experts 32 --top-k 4 --repeat 5]
+    python benchmarks/bench_moe.py [--tokens 2048 --hidden 512 --inter 256 --experts 32 --top-k 4 --repeat 5] [--smoke]
 
 Every variant runs the same router and weights (copied into transformers' block) on the same tokens; the
 table prints the median fwd+bwd time and the ratio to our default path, and checks the outputs agree.
@@ -75,7 +75,10 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
     ap.add_argument("--naive-tokens", type=int, default=128, help="tokens for the per-token loop (slow)")
+    ap.add_argument("--smoke", action="store_true", help="a tiny layer, one repeat: seconds (CI)")
     a = ap.parse_args()
+    if a.smoke:
+        a.tokens, a.hidden, a.inter, a.experts, a.top_k, a.repeat, a.naive_tokens = 256, 64, 32, 8, 2, 1, 16
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     args = TextArgs(

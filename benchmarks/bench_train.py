@@ -1,7 +1,7 @@
 """Train-step throughput and peak memory on the CPU: vlmtune (packed micro-batches, chunked loss) vs the way
 transformers users usually train (padded batches, full logits, `outputs.loss`), on the same samples.
 
-    python benchmarks/bench_train.py [--samples 96] [--steps 6] [--threads 2]
+    python benchmarks/bench_train.py [--samples 96] [--steps 4] [--threads 2] [--smoke]
 
 Each side runs in its own process so peak RSS is its own. Tokens/s counts real (non-padding) tokens.
 """
@@ -17,15 +17,18 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_model import SMOKE_CONFIG  # noqa: E402  the tests' tiny widths for --smoke
+
 SIZE = dict(text_hidden=256, text_layers=4, heads=8, kv_heads=4, head_dim=32, mrope_section=(4, 6, 6),
             vision_hidden=128, vision_depth=4, vision_heads=4, deepstack=(0, 1))  # fmt: skip
 
 
-def prepare(work: str, n: int) -> None:
+def prepare(work: str, n: int, size: dict) -> None:
     from vlmtune.demo import _native_resolution, make_dataset
     from vlmtune.testing import make_tiny_checkpoint
 
-    make_tiny_checkpoint(os.path.join(work, "base"), seed=0, **SIZE)
+    make_tiny_checkpoint(os.path.join(work, "base"), seed=0, **size)
     _native_resolution(os.path.join(work, "base"))
     make_dataset(os.path.join(work, "data"), n_train=n, n_eval=1, seed=0)
 
@@ -122,7 +125,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16, help="transformers padded batch size")
     ap.add_argument("--side", choices=["ours", "hf"], help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
+    ap.add_argument("--smoke", action="store_true", help="8 samples, one timed step: seconds (CI)")
     a = ap.parse_args()
+    if a.smoke:
+        a.samples, a.steps, a.batch_size = 8, 1, 4
     if a.side:
         import torch
 
@@ -133,8 +139,9 @@ def main() -> None:
         out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         print(json.dumps(out))
         return
+    size = SMOKE_CONFIG if a.smoke else SIZE
     with tempfile.TemporaryDirectory() as work:
-        prepare(work, a.samples)
+        prepare(work, a.samples, size)
         rows = {}
         for side in ("hf", "ours"):
             cmd = [sys.executable, __file__, "--side", side, "--work", work, "--steps", str(a.steps),
@@ -142,7 +149,7 @@ def main() -> None:
             res = subprocess.run(cmd, capture_output=True, text=True, check=True)
             rows[side] = json.loads(res.stdout.strip().splitlines()[-1])
     hf, ours = rows["hf"], rows["ours"]
-    print(f"{a.samples} samples/step, {a.steps} timed steps, {a.threads} threads; model: {SIZE}")
+    print(f"{a.samples} samples/step, {a.steps} timed steps, {a.threads} threads; model: {size}")
     print(f"{'':28}{'transformers (padded)':>24}{'vlmtune (packed)':>20}{'ratio':>10}")
     print(f"{'micro-batches per step':28}{hf['micro_batches']:>24}{ours['micro_batches']:>20}")
     print(f"{'tokens/s (real tokens)':28}{hf['tokens_per_s']:>24.0f}{ours['tokens_per_s']:>20.0f}"

@@ -98,8 +98,8 @@ def load_sharded(rank, world, src, run):
     for k, v in model.state_dict().items():
         full = v.full_tensor() if hasattr(v, "full_tensor") else v
         assert torch.equal(full, ref[k]), k
-    plan = plan_stages(3, 3, [1, 2], None, 2)[rank]
-    stage = PipelineStageModule(load_pretrained(src), plan, 2, carry_deepstack=False)
+    model = load_pretrained(src)
+    stage = PipelineStageModule(model, plan_stages(model.args, [1, 2], None, 2)[rank])
     for p in stage.parameters():
         p.data.zero_()
     state = {"model": get_model_state_dict(stage.model)}

@@ -11,6 +11,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dist_utils import run_ranks
 from vlmtune import load_pretrained
@@ -69,12 +70,19 @@ def full(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def position_weights(batches, n):
+    """The schedule's target: 1/n at every trained position (the step's token-mean loss), 0 at padding."""
+    return torch.stack(
+        [F.pad((b.targets[0] != -100).double() / n, (0, LENGTH - b.num_tokens)) for b in batches]
+    )
+
+
 def pipelined(rank, world, ckpt, llm_pp_layers, schedule, dp):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from vlmtune.parallel.pipeline import build_pipeline, stack_microbatches
+    from vlmtune.parallel.pipeline import build_pipeline, set_batches
 
     pp = world // dp
     mesh = init_device_mesh("cpu", (pp, dp), mesh_dim_names=("pp", "dp_shard"))
@@ -94,21 +102,19 @@ def pipelined(rank, world, ckpt, llm_pp_layers, schedule, dp):
         llm_pp_layers=llm_pp_layers,
         vit_pp_layers=None,
         n_microbatches=len(mbs),
-        loss_fn=lambda out, target: out.sum() / n,
         schedule=schedule,
         length=LENGTH,
         wrap=wrap,
     )
     params = [p for m in modules for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=1e-3, foreach=False)
-    args, media = stack_microbatches([as_packed_batch(b) for b in mbs], LENGTH)
-    target = torch.zeros(len(mbs), 1)
+    batches = [as_packed_batch(b) for b in mbs]
+    target = position_weights(batches, n).float()
     losses, grads = [], {}
     for step in range(STEPS):
-        for m in modules:
-            m.media = media
+        set_batches(modules, batches, LENGTH, "cpu")
         step_losses = []
-        sched.step(*args, target=target, losses=step_losses)
+        sched.step(mb=torch.arange(len(mbs)), target=target, losses=step_losses)
         total = torch.tensor(sum(float(x) for x in step_losses), dtype=torch.float64)
         dist.broadcast(total, src=mesh["pp"].mesh[-1].item(), group=mesh["pp"].get_group())
         losses.append(total.item())
@@ -164,12 +170,37 @@ def test_pp2_x_fsdp2_matches_single_process(pp_ckpt, ref):
     check(run_ranks(pipelined, 4, pp_ckpt, [2, 2], "1f1b", 2), ref)
 
 
-def test_stage_plan_errors():
+def test_stage_plan_errors(pp_ckpt):
+    from vlmtune.models.qwen3_vl import load_config
     from vlmtune.parallel.pipeline import plan_stages
 
+    args = load_config(pp_ckpt)  # 4 decoder layers, 3 vision blocks
     with pytest.raises(ParallelError, match="sums to 5; the model has 4"):
-        plan_stages(4, 3, [2, 3], None, 2)
+        plan_stages(args, [2, 3], None, 2)
     with pytest.raises(ParallelError, match="multiple of pp=2"):
-        plan_stages(4, 3, [1, 1, 2], None, 2)
-    with pytest.raises(ParallelError, match=r"entirely on the first stage, e.g. \[3, 0\]"):
-        plan_stages(4, 3, [2, 2], [2, 1], 2)
+        plan_stages(args, [1, 1, 2], None, 2)
+    with pytest.raises(ParallelError, match="entries summing to the vision depth 3"):
+        plan_stages(args, [2, 2], [2, 2], 2)
+    with pytest.raises(
+        ParallelError, match=r"stage\(s\) \[1\] would hold no vision block and no decoder layer"
+    ):
+        plan_stages(args, [4, 0], None, 2)
+
+
+def test_stage_plan_sends_only_what_the_next_stage_needs(pp_ckpt):
+    """DeepStack features (layers 0 and 1) travel until the stage holding layer 1; the vision tower and the
+    embedding sit on the first stage, the norm and the lm_head on the last."""
+    from vlmtune.models.qwen3_vl import load_config
+    from vlmtune.parallel.pipeline import plan_stages
+
+    plans = plan_stages(load_config(pp_ckpt), [1, 1, 1, 1], None, 2)
+    assert [p.outputs for p in plans] == [
+        ("hidden_states", "deepstack_embeds"),
+        ("hidden_states",),
+        ("hidden_states",),
+        ("losses",),
+    ]
+    assert [p.inputs for p in plans] == [(), *[p.outputs for p in plans[:-1]]]
+    assert [(p.blocks, p.layers, p.embeds) for p in plans] == [
+        ([0, 1, 2], [0], True), ([], [1], False), ([], [2], False), ([], [3], False),
+    ]  # fmt: skip

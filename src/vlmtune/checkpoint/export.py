@@ -8,14 +8,14 @@ import warnings
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from vlmtune.errors import CheckpointError
 from vlmtune.models.qwen3_vl import Qwen3VL, build_model, load_config
+from vlmtune.parallel.collectives import barrier
 
 from .convert import native_to_hf
-from .dcp import HF_ASSETS, resolve
+from .dcp import assets_dir, dcp_load, read_dcp_metadata, resolve
 from .hf import save_pretrained
 from .lora import load_merged, lora_section
 
@@ -31,8 +31,7 @@ def export_model(model: Qwen3VL, out_dir: str, *, source_dir: str) -> None:
         if missing:
             raise CheckpointError(f"export: weights missing from the gathered state: {missing[:5]}")
         save_pretrained(plain, out_dir, source_dir=source_dir)
-    if dist.is_initialized():
-        dist.barrier()
+    barrier()
 
 
 def load_model_from_checkpoint(path: str) -> Qwen3VL:
@@ -42,19 +41,19 @@ def load_model_from_checkpoint(path: str) -> Qwen3VL:
     path = resolve(os.fspath(path))
     if lora_section(path) is not None:
         return load_merged(path)
-    assets = os.path.join(path, HF_ASSETS)
+    assets = assets_dir(path)
     args = load_config(assets)
     model = build_model(args, dtype=_saved_dtype(path), device="cpu")
     state = {"model": model.state_dict()}
     with warnings.catch_warnings():  # "loading in a single process" is the intent here
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, checkpoint_id=path)  # fills the model's tensors in place, from any number of shards
+        dcp_load(state, path)  # fills the model's tensors in place, from any number of shards
     model.source_dir = assets
     return model
 
 
 def _saved_dtype(path: str) -> torch.dtype:
-    meta = dcp.FileSystemReader(path).read_metadata()
+    meta = read_dcp_metadata(path)
     for key, item in meta.state_dict_metadata.items():
         if key.startswith("model.") and hasattr(item, "properties"):
             return item.properties.dtype

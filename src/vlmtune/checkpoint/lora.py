@@ -7,18 +7,16 @@ the `lora:` section and the base checkpoint, `model.init_from_hf`).
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 
 import torch
-import torch.distributed.checkpoint as dcp
 
 from vlmtune.errors import CheckpointError
 from vlmtune.models.qwen3_vl import Qwen3VL, build_model, load_config
 from vlmtune.models.qwen3_vl.lora import LoraSpec, add_adapters, is_adapter, merge_adapters, modules_named
 
-from .dcp import HF_ASSETS, resolve
+from .dcp import assets_dir, dcp_load, read_dcp_metadata, read_meta, resolve
 from .hf import load_pretrained, save_pretrained
 from .peft import (
     peft_config,
@@ -31,8 +29,7 @@ PREFIX = "model."  # DCP keys of the model state
 
 def lora_section(path: str) -> dict | None:
     """The `lora:` section of the run a checkpoint step directory belongs to, or None for full fine-tuning."""
-    with open(os.path.join(path, "meta.json")) as f:
-        meta = json.load(f)
+    meta = read_meta(path)
     section = meta.get("config", {}).get("lora") or {}
     return (
         {**section, "init_from_hf": meta["config"]["model"]["init_from_hf"]} if section.get("rank") else None
@@ -45,7 +42,7 @@ def _spec(section: dict) -> LoraSpec:
 
 def _reader(path: str):
     """(names of the model tensors in a DCP checkpoint, get(name) reading one of them)."""
-    meta = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    meta = read_dcp_metadata(path).state_dict_metadata
     names = [k[len(PREFIX) :] for k in meta if k.startswith(PREFIX) and hasattr(meta[k], "size")]
 
     def get(name: str) -> torch.Tensor:
@@ -53,7 +50,7 @@ def _reader(path: str):
         out = {PREFIX + name: torch.empty(props.size, dtype=props.properties.dtype)}
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(out, checkpoint_id=path, no_dist=True)
+            dcp_load(out, path, no_dist=True)
         return out[PREFIX + name]
 
     return names, get
@@ -67,7 +64,7 @@ def export_adapter(ckpt: str, out_dir: str) -> str:
         raise CheckpointError(
             f"{path}: not a LoRA run (lora.rank is 0); `vlmtune export` writes a full model"
         )
-    args = load_config(os.path.join(path, HF_ASSETS))
+    args = load_config(assets_dir(path))
     names, get = _reader(path)
     saved, _ = modules_named(build_model(args), section.get("modules_to_save") or [])
     adapters = [n for n in names if is_adapter(n)]
@@ -79,7 +76,7 @@ def export_merged(ckpt: str, out_dir: str, base: str | None = None) -> str:
     """A LoRA checkpoint merged into its base model (`W + scale * B A`) -> a full Hugging Face checkpoint."""
     path = resolve(os.fspath(ckpt))
     model = load_merged(path, base)
-    save_pretrained(model, out_dir, source_dir=os.path.join(path, HF_ASSETS))
+    save_pretrained(model, out_dir, source_dir=assets_dir(path))
     return out_dir
 
 
@@ -107,7 +104,7 @@ def load_merged(ckpt: str, base: str | None = None) -> Qwen3VL:
                 )
             params[name].copy_(get(name))
     merge_adapters(model)
-    model.source_dir = os.path.join(path, HF_ASSETS)
+    model.source_dir = assets_dir(path)
     return model
 
 

@@ -3,7 +3,8 @@
 Per sparse layer and micro-batch:
 1. route locally, sort the (token, expert) pairs by expert — experts of one rank are contiguous, so the
    sorted rows are already grouped by destination rank;
-2. exchange per-expert row counts, then the rows (`all_to_all_single`, differentiable);
+2. exchange per-expert row counts, copy them to the host once (all-to-all split sizes are host ints: the one
+   host sync of an expert-parallel layer), then the rows (`all_to_all_single`, differentiable);
 3. regroup the received rows by local expert and run the grouped expert compute (one grouped GEMM, or one
    matmul per active expert);
 4. send results back by the reverse all-to-all, weight by the router and sum per token.
@@ -18,13 +19,13 @@ from __future__ import annotations
 import types
 
 import torch
-import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from vlmtune.errors import ParallelError
-from vlmtune.models.qwen3_vl.moe import Experts, grouped_mm_supported, sparse_blocks
+from vlmtune.models.qwen3_vl.moe import Experts, count_per_expert, grouped_mm_supported, sparse_blocks
+
+from .collectives import all_to_all_counts, all_to_all_rows
 
 
 def validate_expert_parallel(num_experts: int, ep: int) -> None:
@@ -33,9 +34,10 @@ def validate_expert_parallel(num_experts: int, ep: int) -> None:
         raise ParallelError(f"parallel.ep={ep} does not divide num_experts={num_experts}; use one of {ok}")
 
 
-def _a2a(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
-    out = x.new_empty(sum(out_splits), *x.shape[1:])
-    return dist_fn.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+def _split_sizes(send: list[int], recv: list[int], ep: int, local_e: int) -> tuple[list[int], list[int]]:
+    """Rows per destination rank and per source rank, from per-(rank, local expert) host counts."""
+    per_rank = [slice(r * local_e, (r + 1) * local_e) for r in range(ep)]
+    return [sum(send[s]) for s in per_rank], [sum(recv[s]) for s in per_rank]
 
 
 def _ep_forward(self: Experts, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor):
@@ -46,27 +48,26 @@ def _ep_forward(self: Experts, x: torch.Tensor, index: torch.Tensor, weights: to
     k = index.shape[1]
     flat = index.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    token = order // k
-    counts = torch.bincount(flat, minlength=local_e * ep)  # [E] rows this rank sends to each expert
-    rows = x[token]
+    counts = count_per_expert(flat, local_e * ep)  # [E] rows this rank sends to each expert
+    rows = x[order // k]
     # Row counts per (source rank, local expert) on the receiving side.
-    recv_counts = torch.empty_like(counts)
-    dist.all_to_all_single(recv_counts, counts, group=group)
-    recv_counts = recv_counts.view(ep, local_e)
-    send_splits = counts.view(ep, local_e).sum(1).tolist()
-    recv_splits = recv_counts.sum(1).tolist()
-    received = _a2a(rows, recv_splits, send_splits, group)
+    recv_counts = all_to_all_counts(counts, group)
+    # The all-to-all split sizes must be host ints: one copy of both count vectors, the one sync of the layer.
+    host = torch.cat([counts, recv_counts]).tolist()
+    send_splits, recv_splits = _split_sizes(host[: local_e * ep], host[local_e * ep :], ep, local_e)
+    received = all_to_all_rows(rows, recv_splits, send_splits, group)
     # Received rows are grouped by source rank, then local expert: regroup by local expert.
     expert_of_row = torch.repeat_interleave(
-        torch.arange(local_e, device=x.device).repeat(ep), recv_counts.reshape(-1).to(x.device)
+        torch.arange(local_e, device=x.device).repeat(ep), recv_counts, output_size=sum(recv_splits)
     )
     perm = torch.argsort(expert_of_row, stable=True)
     grouped = self.use_grouped_mm
     if grouped is None:
         grouped = grouped_mm_supported(x, gate_up, down)
-    y_sorted = self.swiglu(received[perm], gate_up, down, recv_counts.sum(0), grouped=grouped)
+    per_expert = recv_counts.view(ep, local_e).sum(0)
+    y_sorted = self.swiglu(received[perm], gate_up, down, per_expert, grouped=grouped)
     y = torch.empty_like(y_sorted).index_copy(0, perm, y_sorted)
-    back = _a2a(y, send_splits, recv_splits, group)
+    back = all_to_all_rows(y, send_splits, recv_splits, group)
     back = back * weights.reshape(-1)[order, None]
     # Back to (token, slot) order, then sum each token's k slots: the same reduction as the one-device path.
     back = torch.zeros_like(back).index_copy(0, order, back)

@@ -1,5 +1,6 @@
-"""FSDP2 (`fully_shard`) for Qwen3-VL: one unit per vision block and decoder layer, the rest at the root; and
-activation checkpointing, applied to a meta-built model from outside.
+"""FSDP2 (`fully_shard`) for Qwen3-VL: one unit per vision block and decoder layer, one per merger, the token
+embedding and the lm_head (unless tied), the rest at the root; activation checkpointing and per-block
+`torch.compile`, all applied to a meta-built model from outside.
 
 Activation checkpointing modes (`model.activation_checkpointing`):
 - `none`;
@@ -11,13 +12,17 @@ Activation checkpointing modes (`model.activation_checkpointing`):
 
 from __future__ import annotations
 
+import types
+from collections.abc import Callable
+
 import torch
 from torch import nn
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.utils.checkpoint import checkpoint
 
 from vlmtune.models.qwen3_vl import Qwen3VL
 from vlmtune.models.qwen3_vl.attention import CoreAttention
+from vlmtune.models.qwen3_vl.moe import SparseMoE
 
 from .expert import apply_expert_parallel
 
@@ -55,6 +60,37 @@ def apply_activation_checkpointing(model: Qwen3VL, mode: str) -> None:
                 _recompute_in_backward(block)
 
 
+def call_lm_head(head: nn.Module, fn: Callable, hidden: torch.Tensor) -> torch.Tensor:
+    """`fn(head.weight, hidden)`: how a root reads the lm_head's weight (the chunked loss never calls the
+    Linear itself). When `apply_fsdp` made the lm_head its own unit, this runs as one of its FSDP forward
+    methods, so the weight is gathered only for the loss and its backward."""
+    method = getattr(head, "fsdp_call", None)
+    return method(fn, hidden) if method is not None else fn(head.weight, hidden)
+
+
+def _fsdp_call(self, fn, hidden):
+    return fn(self.weight, hidden)
+
+
+def _own_units(model: Qwen3VL, root: nn.Module) -> list[tuple[nn.Module, bool]]:
+    """(module, reshard_after_forward) of the units besides the blocks, each gathered only while it runs:
+    the mergers and, for a root that declares `embedding_and_head_units` (it reads the lm_head through
+    `call_lm_head` and runs any dummy vision pass before the embedding, so every rank gathers the units in
+    one order), the token embedding and the lm_head. Tied embeddings (2B/4B) share one weight between first
+    and last use: they stay in the root unit."""
+    units = []
+    if model.visual is not None:  # None on later pipeline stages
+        units += [(m, True) for m in (model.visual.merger, *model.visual.deepstack_merger_list)]
+    if model.args.tie_word_embeddings or not getattr(root, "embedding_and_head_units", False):
+        return units
+    embed, head = model.language_model.embed_tokens, model.lm_head
+    if embed is not None:
+        units.append((embed, True))
+    if head is not None:
+        units.append((head, False))  # backward starts with it: keep it gathered from its forward on
+    return units
+
+
 def apply_fsdp(
     root: nn.Module,
     model: Qwen3VL,
@@ -66,23 +102,50 @@ def apply_fsdp(
     expert_divide_factor: float | None = None,
     ignored_params: set | None = None,
 ):
-    """Shard every block of `model`, then `root` (the module whose forward computes the loss).
+    """Shard every block of `model`, the units of `_own_units`, then `root` (the module whose forward
+    computes the loss), which keeps what is left (patch embedding, position table, final norm).
     `ignored_params` stay whole on every rank, outside FSDP (QLoRA's NF4 weights on one data-parallel rank).
 
-    With expert parallelism the experts of each sparse block are their own FSDP unit over `expert_mesh`
-    (the data-parallel ranks holding the same experts). Their gradients already sum the tokens of the
-    whole ep group, so they are divided by the full data-parallel size (`expert_divide_factor`) instead of
-    the size of `expert_mesh`, which keeps them equal to one process's."""
+    `reshard_after_forward` (free the gathered weights after forward, gather again in backward) is True for
+    every unit except the last block, the lm_head and the root, which backward needs first (PyTorch's own
+    advice for the root). With expert parallelism the experts of each sparse block are their own FSDP unit
+    over `expert_mesh` (the data-parallel ranks holding the same experts). Their gradients already sum the
+    tokens of the whole ep group, so they are divided by the full data-parallel size
+    (`expert_divide_factor`) instead of the size of `expert_mesh`, which keeps them equal to one process's."""
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     kw = {"mp_policy": mp, "ignored_params": ignored_params}
-    for block in blocks(model):
+    all_blocks = blocks(model)
+    for i, block in enumerate(all_blocks):
+        reshard = i < len(all_blocks) - 1
         experts = getattr(getattr(block, "mlp", None), "experts", None)
         if expert_mesh is not None and experts is not None:
-            fully_shard(experts, mesh=expert_mesh, **kw)
+            fully_shard(experts, mesh=expert_mesh, reshard_after_forward=reshard, **kw)
             if expert_divide_factor is not None:
                 experts.set_gradient_divide_factor(expert_divide_factor)
-        fully_shard(block, mesh=mesh, **kw)
-    fully_shard(root, mesh=mesh, **kw)
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard, **kw)
+    for module, reshard in _own_units(model, root):
+        fully_shard(module, mesh=mesh, reshard_after_forward=reshard, **kw)
+        if module is model.lm_head:
+            module.fsdp_call = types.MethodType(_fsdp_call, module)
+            register_fsdp_forward_method(module, "fsdp_call")
+    fully_shard(root, mesh=mesh, reshard_after_forward=False, **kw)
+
+
+def apply_compile(model: Qwen3VL, *, backend: str = "inductor") -> None:
+    """`torch.compile` each block (after activation checkpointing, before FSDP, as torchtitan does), on the
+    instance's `forward` so parameter names and FSDP's hooks around `__call__` stay as they are. Dense
+    decoder layers and vision blocks compile as one graph (`fullgraph=True`: nothing in them needs the
+    host); sparse layers may break the graph where their expert path needs host sizes (expert parallelism's
+    all-to-all splits, the per-expert loop without a grouped GEMM).
+
+    A MoE layer records its routing (aux loss, expert-load logging) as module state; eagerly, a checkpoint's
+    recompute skips that (`SparseMoE.forward`). Traced under a checkpoint, Dynamo is told the same where it
+    has the option (torch 2.13 does); without it the graph breaks at the checkpoint."""
+    if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    for block in blocks(model):
+        sparse = isinstance(getattr(block, "mlp", None), SparseMoE)
+        block.forward = torch.compile(block.forward, backend=backend, fullgraph=not sparse)
 
 
 def parallelize(
@@ -93,15 +156,19 @@ def parallelize(
     dtype: torch.dtype,
     mixed_precision: str,
     activation_checkpointing: str,
+    compile: bool = False,
     ignored_params: set | None = None,
 ) -> None:
-    """Expert parallelism -> activation checkpointing -> FSDP over the data-parallel ranks, on a meta model
-    (`info`: the DistInfo of `parallel.mesh.init_distributed`). bf16 compute reduces gradients in fp32,
-    otherwise in the master dtype."""
+    """Expert parallelism -> activation checkpointing -> `torch.compile` per block (`compile`; inductor on
+    CUDA, the eager backend elsewhere: a check that every block traces, no speed-up) -> FSDP over the
+    data-parallel ranks, on a meta model (`info`: the DistInfo of `parallel.mesh.init_distributed`). bf16
+    compute reduces gradients in fp32, otherwise in the master dtype."""
     ep = info.parallel.ep > 1
     if ep:
         apply_expert_parallel(model, info.mesh["ep"])
     apply_activation_checkpointing(model, activation_checkpointing)
+    if compile:
+        apply_compile(model, backend="inductor" if info.device.type == "cuda" else "eager")
     compute = torch.bfloat16 if mixed_precision == "bf16" else dtype
     reduce = torch.float32 if mixed_precision == "bf16" else dtype
     apply_fsdp(

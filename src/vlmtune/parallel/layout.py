@@ -83,13 +83,7 @@ def resolve(cfg: ParallelConfig, world_size: int, args: ModelArgs | None = None)
                 raise ParallelError(
                     f"parallel.pp={out.pp} needs parallel.llm_pp_layers, e.g. {even_split(args.text.num_hidden_layers, out.pp)}"
                 )
-            plan_stages(
-                args.text.num_hidden_layers,
-                args.vision.depth,
-                out.llm_pp_layers,
-                out.vit_pp_layers or None,
-                out.pp,
-            )
+            plan_stages(args, out.llm_pp_layers, out.vit_pp_layers or None, out.pp)
     return out
 
 

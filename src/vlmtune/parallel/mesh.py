@@ -73,12 +73,15 @@ def init_distributed(device: str = "auto", parallel: ParallelConfig | None = Non
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
+    # One backend per run (docs/gpu.md): NCCL takes CUDA tensors only, so every collective goes through
+    # parallel/collectives.py, which puts host numbers on this device. `device_id` binds the group to it.
     backend = "nccl" if use_cuda else "gloo"
     if not dist.is_initialized():
+        kw = {"device_id": dev} if use_cuda else {}
         if world == 1 and "MASTER_ADDR" not in os.environ:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **kw)
         else:
-            dist.init_process_group(backend, rank=rank, world_size=world)
+            dist.init_process_group(backend, rank=rank, world_size=world, **kw)
     mesh = build_mesh(layout, dev.type)
     return DistInfo(
         rank=rank, world_size=world, local_rank=local_rank, device=dev, mesh=mesh, parallel=layout

@@ -13,7 +13,6 @@ Norms, the patch embedding and the position table are replicated.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
@@ -24,6 +23,8 @@ from torch.distributed.tensor.parallel import (
 
 from vlmtune.errors import ParallelError
 from vlmtune.models.qwen3_vl import ModelArgs, Qwen3VL
+
+from .collectives import all_reduce_
 
 
 def _divisors_note(name: str, n: int) -> str:
@@ -46,7 +47,7 @@ def validate_tensor_parallel(args: ModelArgs, tp: int) -> None:
             raise ParallelError(f"parallel.tp={tp} does not divide {name}={n}; {_divisors_note(name, n)}")
 
 
-def _decoder_plan(layer) -> dict:
+def decoder_plan(layer) -> dict:
     plan = {
         "self_attn.q_proj": ColwiseParallel(),
         "self_attn.k_proj": ColwiseParallel(),
@@ -67,7 +68,7 @@ def _decoder_plan(layer) -> dict:
     return plan
 
 
-_VISION_BLOCK_PLAN = {
+VISION_BLOCK_PLAN = {
     "attn.q_proj": ColwiseParallel(),
     "attn.k_proj": ColwiseParallel(),
     "attn.v_proj": ColwiseParallel(),
@@ -75,7 +76,7 @@ _VISION_BLOCK_PLAN = {
     "mlp.linear_fc1": ColwiseParallel(),
     "mlp.linear_fc2": RowwiseParallel(),
 }
-_MERGER_PLAN = {"linear_fc1": ColwiseParallel(), "linear_fc2": RowwiseParallel()}
+MERGER_PLAN = {"linear_fc1": ColwiseParallel(), "linear_fc2": RowwiseParallel()}
 
 
 def apply_tensor_parallel(model: Qwen3VL, tp_mesh, *, gather_logits: bool = True) -> None:
@@ -91,11 +92,11 @@ def apply_tensor_parallel(model: Qwen3VL, tp_mesh, *, gather_logits: bool = True
         {"embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())},
     )
     for layer in model.language_model.layers.values():
-        parallelize_module(layer, tp_mesh, _decoder_plan(layer))
+        parallelize_module(layer, tp_mesh, decoder_plan(layer))
     for block in model.visual.blocks.values():
-        parallelize_module(block, tp_mesh, _VISION_BLOCK_PLAN)
+        parallelize_module(block, tp_mesh, VISION_BLOCK_PLAN)
     for merger in [model.visual.merger, *model.visual.deepstack_merger_list]:
-        parallelize_module(merger, tp_mesh, _MERGER_PLAN)
+        parallelize_module(merger, tp_mesh, MERGER_PLAN)
     parallelize_module(
         model,
         tp_mesh,
@@ -118,17 +119,17 @@ class _VocabParallelCE(torch.autograd.Function):
     def forward(ctx, logits, target, vocab_start, group):
         logits = logits.float()
         local_max = logits.max(dim=-1).values
-        dist.all_reduce(local_max, op=dist.ReduceOp.MAX, group=group)
+        all_reduce_(local_max, group, op="max")
         shifted = logits - local_max[:, None]
         exp = shifted.exp()
         sum_exp = exp.sum(-1)
-        dist.all_reduce(sum_exp, group=group)
+        all_reduce_(sum_exp, group)
         local_t = target - vocab_start
         mine = (local_t >= 0) & (local_t < logits.shape[-1])
         picked = torch.zeros_like(sum_exp)
         rows = mine.nonzero().squeeze(1)
         picked[rows] = shifted[rows, local_t[rows]]
-        dist.all_reduce(picked, group=group)
+        all_reduce_(picked, group)
         softmax = exp / sum_exp[:, None]
         ctx.save_for_backward(softmax, rows, local_t)
         return sum_exp.log() - picked

@@ -40,6 +40,7 @@ def build_sharded_model(
     dtype: torch.dtype = torch.float32,
     mixed_precision: str = "fp32",
     activation_checkpointing: str = "none",
+    compile: bool = False,
     prepare: Callable[[Qwen3VL], object] | None = None,
     lora=None,
 ):
@@ -58,7 +59,7 @@ def build_sharded_model(
     root = root_factory(model)
     parallelize(
         root, model, info, dtype=dtype, mixed_precision=mixed_precision,
-        activation_checkpointing=activation_checkpointing,
+        activation_checkpointing=activation_checkpointing, compile=compile,
     )  # fmt: skip
     _allocate_and_load(root, model, path, info.device, lora=lora)
     return root, model
@@ -68,12 +69,12 @@ def build_sharded_pipeline(
     path: str,
     info,
     *,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     n_microbatches: int,
     length: int,
     dtype: torch.dtype = torch.float32,
     mixed_precision: str = "fp32",
     activation_checkpointing: str = "none",
+    compile: bool = False,
     prepare: Callable[[Qwen3VL], object] | None = None,
     chunk_size: int = 4096,
     lora=None,
@@ -96,7 +97,7 @@ def build_sharded_pipeline(
     def wrap(stage: PipelineStageModule) -> nn.Module:
         parallelize(
             stage, stage.model, info, dtype=dtype, mixed_precision=mixed_precision,
-            activation_checkpointing=activation_checkpointing,
+            activation_checkpointing=activation_checkpointing, compile=compile,
         )  # fmt: skip
         _allocate_and_load(stage, stage.model, path, info.device, partial=True, lora=lora)
         stage.dummy_vision, stage.chunk_size = True, chunk_size
@@ -108,7 +109,6 @@ def build_sharded_pipeline(
         llm_pp_layers=p.llm_pp_layers,
         vit_pp_layers=p.vit_pp_layers or None,
         n_microbatches=n_microbatches,
-        loss_fn=loss_fn,
         schedule=p.pp_schedule,
         length=length,
         device=info.device,

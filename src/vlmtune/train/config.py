@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import logging
 import os
 from dataclasses import dataclass, field
 
+import torch
 import yaml
 
 from vlmtune.data.config import DataConfig
@@ -22,6 +24,8 @@ from vlmtune.parallel.fsdp import AC_MODES
 from vlmtune.parallel.layout import ParallelConfig
 
 from .lora import LoraConfig, validate_lora
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -36,6 +40,9 @@ class ModelConfig:
         "recompute in backward: none; selective (the core attention of every layer, Megatron's meaning); "
         "every_other (every 2nd block whole); full (every block whole)",
         AC_MODES,
+    )
+    compile: bool = _f(
+        False, "torch.compile each decoder layer and vision block (inductor on CUDA); off until measured"
     )
 
 
@@ -70,7 +77,10 @@ class TrainSection:
     micro_batch_tokens: int = _f(4096, "token budget of one packed micro-batch")
     seed: int = _f(42, "seed for everything random: data order, validation split, mixing, dropout")
     mixed_precision: str = _f(
-        "fp32", "compute dtype; bf16 keeps fp32 master weights and reductions", ("fp32", "bf16")
+        "auto",
+        "compute dtype: bf16 keeps float32 master weights and reductions; fp32 computes in model.dtype; "
+        "auto = bf16 on CUDA (fp32 there only when set explicitly), fp32 on CPU",
+        ("auto", "fp32", "bf16"),
     )
     on_nan: str = _f("skip", "non-finite loss or gradient: skip the step, or stop the run", ("skip", "stop"))
     device: str = _f("auto", "cuda when available, else cpu", ("auto", "cpu", "cuda"))
@@ -170,7 +180,26 @@ def from_dict(raw: dict, *, check_paths: bool = True) -> TrainConfig:
     for name, cls in SECTIONS.items():
         setattr(cfg, name, build_section(name, cls, raw.get(name)))
     validate(cfg, check_paths=check_paths)
+    cfg.train.mixed_precision = resolve_mixed_precision(cfg)
     return cfg
+
+
+def resolve_mixed_precision(cfg: TrainConfig) -> str:
+    """`train.mixed_precision: auto` -> bf16 on CUDA (float32 master weights), fp32 (compute in model.dtype)
+    elsewhere. fp32 compute on CUDA runs attention on SDPA's math path, which holds `[heads, L, L]` scores
+    per layer and runs out of memory at real lengths: it happens only when set explicitly, with a warning."""
+    t = cfg.train
+    cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
+    master_fp32 = cfg.model.dtype == "float32"
+    if t.mixed_precision == "auto":
+        return "bf16" if cuda and master_fp32 else "fp32"
+    if t.mixed_precision == "fp32" and cuda and master_fp32:
+        log.warning(
+            "train.mixed_precision: fp32 on CUDA computes attention on the math path (no FlashAttention, "
+            "[heads, L, L] scores per layer); expect out-of-memory at real lengths. Remove the key (auto: "
+            "bf16) unless fp32 compute is what you want."
+        )
+    return t.mixed_precision
 
 
 def validate(cfg: TrainConfig, *, check_paths: bool = True) -> None:
@@ -245,7 +274,10 @@ def parse_override(text: str) -> tuple[list[str], object]:
     if "=" not in body:
         raise ConfigError(f"override {text!r}: expected --section.key=value")
     key, value = body.split("=", 1)
-    return key.split("."), yaml.safe_load(value) if value != "" else ""
+    try:
+        return key.split("."), yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: invalid YAML value ({e})") from None
 
 
 def load(path: str, overrides: list[str] = (), *, check_paths: bool = True) -> TrainConfig:
@@ -255,6 +287,8 @@ def load(path: str, overrides: list[str] = (), *, check_paths: bool = True) -> T
             raw = yaml.safe_load(f) or {}
     except FileNotFoundError as e:
         raise ConfigError(f"{path}: config file not found") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the config file ({e})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from e
     for text in overrides:

@@ -71,6 +71,7 @@ def build_quantized_model(
     dtype: torch.dtype = torch.float32,
     mixed_precision: str = "fp32",
     activation_checkpointing: str = "none",
+    compile: bool = False,
     prepare: Callable[[Qwen3VL], object] | None = None,
 ):
     """Same contract as `build.build_sharded_model`, for `lora.base_quant: nf4`. Returns (root, model)."""
@@ -89,7 +90,7 @@ def build_quantized_model(
     # data-parallel rank the NF4 weights stay outside FSDP (nothing to shard there anyway).
     parallelize(
         root, model, info, dtype=dtype, mixed_precision=mixed_precision,
-        activation_checkpointing=activation_checkpointing, ignored_params=nf4 if info.fsdp_mesh.size() == 1 else None,
+        activation_checkpointing=activation_checkpointing, compile=compile, ignored_params=nf4 if info.fsdp_mesh.size() == 1 else None,
     )  # fmt: skip
     lora.after_load(model)
     return root, model

@@ -7,6 +7,7 @@ all ranks; the trainer chooses one strategy when it builds the model and never b
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -19,7 +20,8 @@ from torch.distributed.tensor import DTensor
 from vlmtune.data.batch import PackedBatch
 from vlmtune.models.qwen3_vl import Qwen3VL
 from vlmtune.parallel.collectives import all_reduce_host
-from vlmtune.parallel.pipeline import stack_microbatches
+from vlmtune.parallel.fsdp import call_lm_head
+from vlmtune.parallel.pipeline import set_batches
 
 from .loss import (
     StepNormalizers,
@@ -34,12 +36,15 @@ log = logging.getLogger(__name__)
 
 
 class TrainModule(nn.Module):
-    """Model + loss in one forward, so FSDP's root unit keeps lm_head gathered while the chunked loss reads it.
+    """Model + loss in one forward (the FSDP root). The chunked loss reads the lm_head weight through
+    `parallel.fsdp.call_lm_head`, so FSDP may give the lm_head its own unit, gathered only for the loss.
 
     A micro-batch without images or videos still runs the vision tower (and every DeepStack merger) on a
     dummy grid whose output joins the loss times zero (`VisionTower.dummy_pass`): under FSDP every rank must
     run the same sharded units forward and backward. For the same reason the token embeddings always require
     grad in training (see `_embeddings_need_grad`)."""
+
+    embedding_and_head_units = True  # FSDP may shard them as their own units (parallel/fsdp.py `_own_units`)
 
     def __init__(self, model: Qwen3VL, chunk_size: int = 1024, aux_coef: float = 0.0):
         super().__init__()
@@ -51,11 +56,15 @@ class TrainModule(nn.Module):
         """This micro-batch's share of the step loss: `sum_t weights_t * l_t` (+ its share of the aux loss)."""
         dummy = None
         if not batch.has_media:
-            # Before the decoder, where a batch with images runs the vision tower: the sharded units
+            # First, where a batch with images runs the vision tower (before the token embedding): the units
             # must be gathered in the same order on every rank.
             dummy = self.model.visual.dummy_pass(batch.input_ids.device)
-        out = self.model(**batch.model_inputs(), return_hidden=True)
-        loss = microbatch_loss(out.hidden_states, self.model.lm_head.weight, batch, weights, self.chunk_size)
+        out = self.model(**batch.model_inputs(), max_seqlen=batch.max_seqlen, return_hidden=True)
+
+        def loss_fn(head_weight, hidden):
+            return microbatch_loss(hidden, head_weight, batch, weights, self.chunk_size)
+
+        loss = call_lm_head(self.model.lm_head, loss_fn, out.hidden_states)
         if dummy is not None:
             loss = loss + 0.0 * dummy
         if out.aux_loss is not None and self.aux_coef and aux_weight:
@@ -70,6 +79,15 @@ def _embeddings_need_grad(module, args, out):
     if torch.is_grad_enabled() and not out.requires_grad:
         out.requires_grad_(True)
     return out
+
+
+def to_device(batch: PackedBatch, device) -> PackedBatch:
+    """The batch on the compute device, its image/video grids left on the host: the vision tower reads them
+    as numbers (segments, FlashAttention's max_seqlen) and would otherwise wait for the GPU to copy them back."""
+    moved = batch.to(device)
+    return dataclasses.replace(
+        moved, image_grid_thw=batch.image_grid_thw, video_grid_thw=batch.video_grid_thw
+    )
 
 
 @dataclass
@@ -98,13 +116,14 @@ def clip_and_norm(params: list[torch.Tensor], max_norm: float, pp_group=None) ->
         norm = torch.nn.utils.get_total_norm([p.grad for p in group], norm_type=2.0, foreach=True)
         norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
         squares.append(norm.double() ** 2)
+    # One host number per step (the step's only sync besides the loss): logged, checked for finiteness.
     local = float(torch.stack(squares).sum()) if squares else 0.0
-    # Pipeline stages hold different parameters: add their squares (one host number per step).
+    # Pipeline stages hold different parameters: add their squares.
     total = math.sqrt(all_reduce_host([local], group=pp_group)[0] if pp_group is not None else local)
     if max_norm > 0 and math.isfinite(total):
         for group in groups.values():
-            # A CPU scalar is fine: the function moves the coefficient to each gradient's device.
-            torch.nn.utils.clip_grads_with_norm_(group, max_norm, torch.tensor(total), foreach=True)
+            coef_norm = torch.tensor(total, dtype=torch.float32, device=group[0].grad.device)
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, coef_norm, foreach=True)
     return total
 
 
@@ -144,7 +163,7 @@ class DataParallelStep:
         local = torch.zeros((), dtype=torch.float64, device=self.device)
         for batch, c in zip(micro, counts):
             w = token_weights(batch, c, norm, self.loss_type).to(self.device, non_blocking=True)
-            share = self.root(batch.to(self.device), w, aux_loss_weight(c, norm, self.loss_type))
+            share = self.root(to_device(batch, self.device), w, aux_loss_weight(c, norm, self.loss_type))
             # FSDP averages gradients over the data-parallel ranks; our shares are already divided by the
             # step totals, so undo it.
             (share * self.dp_size).backward()
@@ -161,7 +180,7 @@ class DataParallelStep:
         for batch in batches:
             c = count_labels(batch)
             w = token_weights(batch, c, unit, "token_mean").to(self.device)
-            total += self.root(batch.to(self.device), w).double()
+            total += self.root(to_device(batch, self.device), w).double()
             tokens += c.tokens
         loss_sum, tokens = all_reduce_host([total.item(), tokens], group=self.dp_group)
         return loss_sum / max(tokens, 1.0), int(tokens)
@@ -169,33 +188,38 @@ class DataParallelStep:
 
 class PipelineStep:
     """Pipeline parallelism: the step's micro-batches are the schedule's micro-batches, padded to `length`;
-    each position's loss weight (`token_weights`) is the schedule's target, so every loss mode is exact; the
-    schedule's loss function undoes FSDP's average (x dp_size)."""
+    each position's loss weight (`token_weights`, and for MoE the aux-loss weight as one more column) is the
+    schedule's target, so every loss mode is exact; the weights undo FSDP's average (x dp_size)."""
 
-    def __init__(self, schedule, stages, info, *, length: int, loss_type: str):
+    def __init__(self, schedule, stages, info, *, length: int, loss_type: str, aux_coef: float = 0.0):
         self.schedule, self.stages, self.length, self.loss_type = schedule, stages, length, loss_type
+        self.aux_coef = aux_coef
         self.dp_size, self.dp_group = info.dp_size, info.dp_group
         self.pp_group = info.mesh["pp"].get_group()
         self.device = info.device
+        # One rank per data shard reports the losses: the last stage's first tensor-parallel rank.
+        self.reports = any(m.plan.last for m in stages) and info.mesh["tp"].get_local_rank() == 0
+        self.moe = stages[0].model.args.is_moe
+
+    def _weights(self, micro: list[PackedBatch], counts, norm: StepNormalizers) -> torch.Tensor:
+        rows = []
+        for b, c in zip(micro, counts):
+            w = F.pad(token_weights(b, c, norm, self.loss_type), (0, self.length - b.num_tokens))
+            if self.moe:
+                aux = self.aux_coef * aux_loss_weight(c, norm, self.loss_type)
+                w = torch.cat([w, w.new_tensor([aux])])
+            rows.append(w)
+        return (torch.stack(rows) * self.dp_size).float().to(self.device)
 
     def forward_backward(self, micro: list[PackedBatch]) -> tuple[float, int, int]:
         counts = [count_labels(b) for b in micro]
         norm = step_normalizers(counts, group=self.dp_group)
-        weights = torch.stack(
-            [
-                F.pad(token_weights(b, c, norm, self.loss_type), (0, self.length - b.num_tokens))
-                for b, c in zip(micro, counts)
-            ]
-        ).float()
-        args, media = stack_microbatches(micro, self.length)
-        args = tuple(a.to(self.device) for a in args)
-        for stage in self.stages:
-            stage.media = [{k: v.to(self.device) for k, v in m.items()} for m in media]
+        weights = self._weights(micro, counts, norm)
+        set_batches(self.stages, micro, self.length, self.device)
         losses: list = []
-        self.schedule.step(*args, target=weights.to(self.device), losses=losses)
-        local = sum(float(x.detach()) for x in losses) / self.dp_size  # only the last stage has losses
-        # Losses: summed over every rank (one last-stage rank per data shard); tokens over the data shards.
-        (loss,) = all_reduce_host([local])
+        self.schedule.step(mb=torch.arange(len(micro)), target=weights, losses=losses)
+        local = sum(float(x.detach()) for x in losses) / self.dp_size if self.reports else 0.0
+        (loss,) = all_reduce_host([local])  # one reporting rank per data shard
         (tokens,) = all_reduce_host([sum(b.num_tokens for b in micro)], group=self.dp_group)
         return loss, int(tokens), int(norm.tokens)
 

@@ -23,9 +23,9 @@ from vlmtune.checkpoint.convert import native_to_hf
 from vlmtune.checkpoint.export import export_model
 from vlmtune.checkpoint.lora import export_adapter
 from vlmtune.data import build_loader, build_processor, load_samples
-from vlmtune.errors import ConfigError, DataError
+from vlmtune.errors import ConfigError, DataError, before_process_group, ranks_agree
 from vlmtune.models.qwen3_vl import ModelArgs, load_config
-from vlmtune.parallel.collectives import all_reduce_host
+from vlmtune.parallel.collectives import all_reduce_host, barrier
 from vlmtune.parallel.layout import ParallelConfig, resolve
 from vlmtune.parallel.mesh import DistInfo, close_distributed, init_distributed, world_size
 
@@ -36,6 +36,7 @@ from .lora import LoraSetup, analytic_trainable, check_lora_model
 from .metrics import MetricsLogger, flops_per_token, peak_memory_gb, peak_tflops, plot
 from .optim import Schedule, build_optimizer
 from .qlora import build_quantized_model
+from .skips import RunSkips
 from .step import DataParallelStep, PipelineStep, StepResult, TrainModule, finish_step
 
 log = logging.getLogger(__name__)
@@ -96,14 +97,24 @@ def check_config(cfg: TrainConfig, args: ModelArgs, world: int) -> ParallelConfi
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Run training as configured; returns a summary (final step, loss, paths)."""
-    args = load_config(cfg.model.init_from_hf)
-    check_config(cfg, args, world_size())
-    info = init_distributed(cfg.train.device, cfg.parallel, args)
+    """Run training as configured; returns a summary (final step, loss, paths, sample counts)."""
+    with before_process_group():  # every rank reads the same files and fails alike: one message
+        args = load_config(cfg.model.init_from_hf)
+        check_config(cfg, args, world_size())
+        info = init_distributed(cfg.train.device, cfg.parallel, args)
     try:
         return Trainer(cfg, info, args).run()
     finally:
         close_distributed()
+
+
+def make_output_dir(path: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+    except (OSError, ValueError) as e:  # ValueError: a NUL character in the path
+        raise ConfigError(
+            f"output_dir {path!r}: cannot create the directory ({getattr(e, 'strerror', None) or e})"
+        ) from None
 
 
 class StopRequest:
@@ -127,16 +138,24 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ build
     def build_data(self) -> None:
-        """Processor, samples and this data shard's loaders; the accumulation and the step count."""
+        """Processor, samples and this data shard's loaders; the accumulation and the step count. Every
+        skip (read, measured or later decoded) goes into the run's one report, `self.skips`."""
         cfg, info = self.cfg, self.info
+        self.skips = RunSkips(cfg.output_dir, self.main)
+        if cfg.checkpoint.auto_resume and checkpoint.latest(cfg.output_dir):
+            self.skips.keep_previous()
         self.processor = build_processor(cfg.model.init_from_hf, cfg.data)
-        train_samples, val_samples, report = load_samples(cfg.data, seed=cfg.train.seed)
+        report = self.skips.report
+        train_samples, val_samples, _ = load_samples(cfg.data, seed=cfg.train.seed, report=report)
         if not train_samples:
-            raise DataError(f"data.dataset {cfg.data.dataset}: no training samples (skipped: {report.total})")
+            raise DataError(
+                f"data.dataset {cfg.data.dataset}: no usable training samples ({report.read} read, "
+                f"{report.total} skipped: {report.by_reason()}); e.g. {next(iter(report.examples.values()), '-')}"
+            )
         # Ranks that differ only in tensor (or pipeline) parallelism read the same data shard.
         kw = dict(
             dp_rank=info.dp_rank, dp_size=info.dp_size, seed=cfg.train.seed,
-            max_tokens=cfg.train.micro_batch_tokens,
+            max_tokens=cfg.train.micro_batch_tokens, report=report,
         )  # fmt: skip
         self.loader = build_loader(cfg.data, self.processor, samples=train_samples, **kw)
         if cfg.eval.max_samples:
@@ -144,6 +163,9 @@ class Trainer:
         self.val_loader = (
             build_loader(cfg.data, self.processor, samples=val_samples, **kw) if val_samples else None
         )
+        self.train_samples, self.val_samples = train_samples, val_samples
+        self.skips.shared = len(report.records)  # reading and measuring gave every rank the same skips
+        self.skips.write()
         self.accum = accumulation_steps(cfg, len(self.loader), len(train_samples), info.dp_size)
         # What one optimizer step trains on depends on the micro-batches per step, not on the data-parallel
         # size: a checkpoint resumes on another layout with the same data.
@@ -178,20 +200,20 @@ class Trainer:
             dtype=dtype,
             mixed_precision=cfg.train.mixed_precision,
             activation_checkpointing=cfg.model.activation_checkpointing,
+            compile=cfg.model.compile,
             prepare=lambda m: apply_freeze(m, cfg.freeze),
             lora=self.lora,
         )
         if info.parallel.pp > 1:
-            dp = info.dp_size
             pipe, stages = build_sharded_pipeline(
                 cfg.model.init_from_hf, info, n_microbatches=self.accum, length=cfg.train.micro_batch_tokens,
-                loss_fn=lambda out, weights: (out.float() * weights).sum() * dp,  # undo FSDP's dp average
                 chunk_size=cfg.loss.chunk_size, **build,
             )  # fmt: skip
             self.root, self.model = stages[0], stages[0].model
             self.strategy = PipelineStep(
-                pipe, stages, info, length=cfg.train.micro_batch_tokens, loss_type=cfg.loss.type
-            )
+                pipe, stages, info, length=cfg.train.micro_batch_tokens, loss_type=cfg.loss.type,
+                aux_coef=aux_coef(cfg, self.args),
+            )  # fmt: skip
         else:
             coef = aux_coef(cfg, self.args)
             builder = build_quantized_model if cfg.lora.base_quant == "nf4" else build_sharded_model
@@ -209,10 +231,11 @@ class Trainer:
         """Continue from output_dir's own latest checkpoint (a run started from checkpoint.load and later
         interrupted resumes itself), else from checkpoint.load, else start fresh."""
         c = self.cfg.checkpoint
-        source = (checkpoint.latest(self.cfg.output_dir) if c.auto_resume else None) or c.load or None
-        if not source:
+        with ranks_agree():
+            source = (checkpoint.latest(self.cfg.output_dir) if c.auto_resume else None) or c.load or None
+            path = checkpoint.resolve(source) if source else None
+        if not path:
             return
-        path = checkpoint.resolve(source)
         meta = checkpoint.load(
             path, model=self.model, optimizer=self.optimizer, loader=self.loader, no_load_optim=c.no_load_optim,
             no_load_rng=c.no_load_rng, dp_rank=self.info.dp_rank, dp_size=self.info.dp_size,
@@ -237,9 +260,14 @@ class Trainer:
         self.consumed += int(all_reduce_host([sum(len(b.sample_ids) for b in micro)], self.info.dp_group)[0])
         return result
 
+    def agreed(self, fetch):
+        """`fetch()` (reading micro-batches) on every rank, agreed before the next collective."""
+        return self.skips.agree(fetch, self.info.world_size)
+
     def validate(self) -> float:
+        batches = self.agreed(lambda: list(iter(self.val_loader)))
         self.root.eval()
-        loss, tokens = self.strategy.eval_loss(list(iter(self.val_loader)))
+        loss, tokens = self.strategy.eval_loss(batches)
         self.root.train()
         self.logger.log({"step": self.step, "val_loss": loss, "val_tokens": tokens})
         return loss
@@ -257,6 +285,7 @@ class Trainer:
             no_save_rng=c.no_save_rng, keep_last=c.keep_last, dp_rank=self.info.dp_rank, dp_size=self.info.dp_size,
             trainable_only=self.lora is not None,
         )  # fmt: skip
+        self.skips.write()  # a resumed run continues from what was found up to here
 
     def _batches(self):
         """The loader's micro-batches, epoch after epoch."""
@@ -303,7 +332,7 @@ class Trainer:
         )
         batches = self._batches()
         while self.step < self.n_steps:
-            micro = [next(batches) for _ in range(self.accum)]
+            micro = self.agreed(lambda: [next(batches) for _ in range(self.accum)])
             lr = self.schedule.set(self.step)
             result = self.train_step(micro)
             window_tokens += result.tokens
@@ -338,7 +367,7 @@ class Trainer:
             "step": self.step, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
             "tokens": result.tokens, "label_tokens": result.label_tokens, "consumed_samples": self.consumed,
             "tokens_per_s": tps, "mfu": (tps * fpt / self.info.world_size / peak) if peak > 0 else None,
-            "peak_mem_gb": peak_memory_gb(self.info.device), "skipped": result.skipped,
+            "peak_mem_gb": peak_memory_gb(self.info.device), "skipped": result.skipped, **self.skips.metrics(),
         }  # fmt: skip
         self.logger.log(record)
         return record
@@ -358,17 +387,22 @@ class Trainer:
                 summary["adapter"] = export_adapter(
                     checkpoint.latest(cfg.output_dir), os.path.join(cfg.output_dir, "adapter")
                 )
-            torch.distributed.barrier()
+            barrier()
         elif done and cfg.checkpoint.save_hf:
             hf_dir = os.path.join(cfg.output_dir, "hf")
             if self.info.parallel.pp > 1:  # no rank holds the whole model: stream the checkpoint just saved
                 if self.main:
                     native_to_hf(checkpoint.latest(cfg.output_dir), hf_dir)
-                torch.distributed.barrier()
+                barrier()
             else:
                 export_model(self.model, hf_dir, source_dir=cfg.model.init_from_hf)
             summary["hf"] = hf_dir
         self.logger.close()
+        summary["samples"] = self.skips.summary(self.train_samples, self.val_samples)
+        self.skips.write()
+        if self.main:
+            for line in self.skips.summary_lines(summary["samples"]):
+                log.info("%s", line)
         if self.main and os.path.exists(os.path.join(cfg.output_dir, "metrics.jsonl")):
             try:
                 summary["plot"] = plot(cfg.output_dir)
@@ -377,12 +411,19 @@ class Trainer:
         return summary
 
     def run(self) -> dict:
+        """Each phase checks its own inputs on every rank, and the ranks agree before the next collective:
+        bad input on one rank stops all of them with one message, never a hang."""
         seed_everything(self.cfg.train.seed)
-        os.makedirs(self.cfg.output_dir, exist_ok=True)
-        self.build_data()
-        self.build_model()
+        with ranks_agree():
+            make_output_dir(self.cfg.output_dir)
+            self.build_data()
+        with ranks_agree():
+            self.build_model()
         self.resume()
-        self.logger = MetricsLogger(self.cfg.output_dir, self.cfg, rank=self.info.rank, resume_step=self.step)
+        with ranks_agree():  # rank 0 rewrites metrics.jsonl up to the resumed step
+            self.logger = MetricsLogger(
+                self.cfg.output_dir, self.cfg, rank=self.info.rank, resume_step=self.step
+            )
         if self.main:
             self._announce()
         self.stop = StopRequest()

@@ -7,30 +7,60 @@ It serves three layouts with the same call:
 - cached decoding: `q` holds the last `Lq` positions of `S` keys (causal offset `S - Lq`).
 
 CPU and any non-half dtype use `scaled_dot_product_attention` with an explicit boolean mask. On CUDA with
-bf16/fp16, packed rows go to FlashAttention through `torch.nn.attention.varlen.varlen_attn`.
+bf16/fp16, packed rows go to FlashAttention through `torch.nn.attention.varlen.varlen_attn`, which takes the
+longest segment as a host integer: callers pass `max_seqlen` (computed once per micro-batch on the host, at
+packing time for text and from `grid_thw` for the vision tower), so an attention call never waits for the
+GPU. Callers check `uses_varlen(x)` first so that no `[L, L]` mask is built where FlashAttention runs.
 """
 
 from __future__ import annotations
+
+import functools
+import inspect
+import logging
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:  # torch >= 2.10
+try:  # torch >= 2.9 (keyword arguments differ between releases: see `_varlen`)
     from torch.nn.attention.varlen import varlen_attn
 except ImportError:  # pragma: no cover - older torch falls back to SDPA with a mask
     varlen_attn = None
 
+log = logging.getLogger(__name__)
+_VARLEN_ARGS = set(inspect.signature(varlen_attn).parameters) if varlen_attn is not None else set()
 
-def _use_varlen(q: torch.Tensor, cu_seqlens: torch.Tensor | None, attention_mask, lq: int, s: int) -> bool:
-    return (
-        varlen_attn is not None
-        and q.is_cuda
-        and q.dtype in (torch.bfloat16, torch.float16)
-        and cu_seqlens is not None
-        and attention_mask is None
-        and lq == s
+
+def uses_varlen(x: torch.Tensor) -> bool:
+    """Whether packed rows of activations like `x` run FlashAttention varlen (CUDA, bf16/fp16): then no
+    `[L, L]` mask may be built for them."""
+    return varlen_attn is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def _warn_once_max_seqlen() -> None:
+    log.warning(
+        "packed attention without max_seqlen: reading it from cu_seqlens waits for the GPU in every layer; "
+        "pass max_seqlen (PackedBatch.max_seqlen) down to attention()"
     )
+
+
+def _varlen(q, k, v, cu: torch.Tensor, max_seqlen: int, causal: bool) -> torch.Tensor:
+    """`varlen_attn` on `[T, H, D]` tensors across torch releases: 2.9 takes `is_causal` and equal head
+    counts; 2.10 takes `window_size`; 2.12 adds `enable_gqa`. Without it, k/v heads are repeated."""
+    kw = {}
+    if "window_size" in _VARLEN_ARGS:
+        kw["window_size"] = (-1, 0) if causal else (-1, -1)
+    else:
+        kw["is_causal"] = causal
+    if q.shape[1] != k.shape[1]:
+        if "enable_gqa" in _VARLEN_ARGS:
+            kw["enable_gqa"] = True
+        else:
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, **kw)
 
 
 def build_mask(
@@ -76,27 +106,22 @@ def attention(
     attention_mask: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
 ) -> torch.Tensor:
     """q `[B, Hq, Lq, D]`, k/v `[B, Hkv, S, D]` (Hq a multiple of Hkv) -> `[B, Lq, Hq, D]`.
 
-    `mask` may be passed prebuilt (`build_mask`) so a model builds it once for all layers.
+    `mask` may be passed prebuilt (`build_mask`) so a model builds it once for all layers. A packed row on
+    the FlashAttention path takes `max_seqlen`, the longest segment of `cu_seqlens` as a host integer;
+    without it each call reads it from the device (a sync, with a warning the first time).
     """
     bsz, hq, lq, d = q.shape
     s = k.shape[2]
-    if _use_varlen(q, cu_seqlens, attention_mask, lq, s) and bsz == 1:
-        cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
-        max_len = int((cu[1:] - cu[:-1]).max())
-        out = varlen_attn(
-            q[0].transpose(0, 1),
-            k[0].transpose(0, 1),
-            v[0].transpose(0, 1),
-            cu,
-            cu,
-            max_len,
-            max_len,
-            window_size=(-1, 0) if causal else (-1, -1),
-            enable_gqa=hq != k.shape[1],
-        )
+    if uses_varlen(q) and cu_seqlens is not None and attention_mask is None and lq == s and bsz == 1:
+        cu = cu_seqlens.to(device=q.device, dtype=torch.int32, non_blocking=True)
+        if max_seqlen is None:  # callers pass it (PackedBatch.max_seqlen); reading it here syncs every call
+            _warn_once_max_seqlen()
+            max_seqlen = int((cu[1:] - cu[:-1]).max())
+        out = _varlen(*(t[0].transpose(0, 1) for t in (q, k, v)), cu, max_seqlen, causal)
         return out.unsqueeze(0)
     if mask is None:
         mask = build_mask(
@@ -122,7 +147,10 @@ class CoreAttention(nn.Module):
         super().__init__()
         self.causal = causal
 
-    def forward(self, q, k, v, *, attention_mask=None, cu_seqlens=None, mask=None) -> torch.Tensor:
+    def forward(
+        self, q, k, v, *, attention_mask=None, cu_seqlens=None, mask=None, max_seqlen=None
+    ) -> torch.Tensor:
         return attention(
-            q, k, v, causal=self.causal, attention_mask=attention_mask, cu_seqlens=cu_seqlens, mask=mask
-        )
+            q, k, v, causal=self.causal, attention_mask=attention_mask, cu_seqlens=cu_seqlens, mask=mask,
+            max_seqlen=max_seqlen,
+        )  # fmt: skip

@@ -10,7 +10,7 @@ from torch import nn
 
 from vlmtune.constants import IGNORE_INDEX
 
-from .attention import build_mask, varlen_attn
+from .attention import build_mask, uses_varlen
 from .config import ModelArgs
 from .moe import load_balancing_loss
 from .rope import get_rope_index, text_rope_cos_sin
@@ -24,6 +24,17 @@ class ModelOutput:
     loss: torch.Tensor | None = None
     hidden_states: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
+    # A pipeline stage's outputs for the next stage (see `Qwen3VL.forward`):
+    deepstack_embeds: torch.Tensor | None = None  # dense DeepStack features `[n, B, L, D]` still to be added
+    vision_states: torch.Tensor | None = None  # vision hidden states `[N, D_vision]`: the tower continues
+
+
+@dataclass
+class VisionOutput:
+    features: torch.Tensor  # merged features `[N/4, D]`, or hidden states `[N, D_vision]` without the merger
+    deepstack: list[torch.Tensor]  # the DeepStack features of this tower's blocks, in block order
+    slots: list[int]  # their DeepStack indexes (the decoder layer each is added after)
+    index: torch.Tensor  # flat positions of the vision placeholder tokens (images, then videos)
 
 
 def shift_labels(labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
@@ -34,7 +45,30 @@ def shift_labels(labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -
     return out
 
 
+def dense_deepstack(
+    features: list[torch.Tensor],
+    slots: list[int],
+    index: torch.Tensor,
+    like: torch.Tensor,
+    count: int,
+    into=None,
+) -> torch.Tensor:
+    """DeepStack features as one dense tensor `[count, B, L, D]` for the hidden states `like [B, L, D]`:
+    slot `slots[i]` gets `features[i]` at the flat positions `index`, zeros elsewhere; `into` (the slots of
+    earlier pipeline stages, `[n, B, L, D]`) keeps its other slots. Adding a dense slot to the hidden states is
+    exactly adding the features at those positions (x + 0 == x)."""
+    b, n, d = like.shape
+    out = list(into.unbind(0)) if into is not None else [like.new_zeros(b, n, d)] * count
+    for slot, feature in zip(slots, features):
+        out[slot] = out[slot].reshape(b * n, d).index_add(0, index, feature.to(like.dtype)).view(b, n, d)
+    return torch.stack(out)
+
+
 class Qwen3VL(nn.Module):
+    """Qwen3-VL, whole or as one pipeline stage: a stage's model has the modules it does not own set to None
+    (vision blocks, decoder layers, mergers, the embedding, the final norm, the lm_head) and runs this same
+    forward (see `forward`'s pipeline arguments)."""
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
@@ -52,32 +86,34 @@ class Qwen3VL(nn.Module):
                 head.weight = embed.weight
 
     # ----------------------------------------------------------------------------------------------
-    def embed(
+    def encode_vision(
         self,
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
         image_grid_thw: torch.Tensor | None = None,
         pixel_values_videos: torch.Tensor | None = None,
         video_grid_thw: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor] | None]:
-        """Token embeddings with vision features scattered in; returns (embeds, visual_index, deepstack)."""
+        vision_states: torch.Tensor | None = None,
+    ) -> VisionOutput | None:
+        """The vision tower on all images and videos at once (attention is per image / frame-pair anyway);
+        None without media. `vision_states` continues a previous pipeline stage's tower (its grids given)."""
         a = self.args
-        h = self.language_model.embed_tokens(input_ids)
-        patches, grids, kinds = [], [], []
-        if pixel_values is not None:
-            patches.append(pixel_values)
-            grids.append(image_grid_thw)
-            kinds.append(("image", a.image_token_id, image_grid_thw))
-        if pixel_values_videos is not None:
-            patches.append(pixel_values_videos)
-            grids.append(video_grid_thw)
-            kinds.append(("video", a.video_token_id, video_grid_thw))
-        if not patches:
-            return h, None, None
-        # One pass over images and videos together: attention is per image/frame-pair anyway.
-        dtype = self.visual.patch_embed.proj.weight.dtype
-        feats, deepstack = self.visual(torch.cat(patches).to(dtype), torch.cat(grids))
-        b, n, d = h.shape
+        media = (
+            ("image", a.image_token_id, pixel_values, image_grid_thw),
+            ("video", a.video_token_id, pixel_values_videos, video_grid_thw),
+        )
+        kinds = [
+            (kind, token_id, grid)
+            for kind, token_id, pixels, grid in media
+            if grid is not None and (pixels is not None or vision_states is not None)
+        ]
+        if not kinds:
+            return None
+        x = vision_states
+        if x is None:
+            x = torch.cat([p for p in (pixel_values, pixel_values_videos) if p is not None])
+            x = x.to(self.visual.patch_embed.proj.weight.dtype)
+        features, deepstack = self.visual(x, torch.cat([grid for _, _, grid in kinds]))
         flat_ids = input_ids.reshape(-1)
         index = []
         for kind, token_id, grid in kinds:
@@ -89,13 +125,38 @@ class Qwen3VL(nn.Module):
                     f"from {kind}_grid_thw={grid.tolist()}"
                 )
             index.append(idx)
-        visual_index = torch.cat(index)
-        h = h.reshape(b * n, d).index_copy(0, visual_index, feats.to(h.dtype)).view(b, n, d)
-        return h, visual_index, deepstack
+        return VisionOutput(features, deepstack, self.visual.deepstack_slots(), torch.cat(index))
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        vision: VisionOutput | None,
+        deepstack_embeds: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor] | torch.Tensor | None]:
+        """Token embeddings with the vision features scattered in -> (embeds, visual_index, deepstack).
+
+        DeepStack is a list of features at `visual_index` (the whole model), or dense `[n, B, L, D]` with
+        `visual_index` None when a pipeline stage continues from earlier stages' `deepstack_embeds` or hands
+        its features on (no final norm: the decoder continues on a later stage)."""
+        h = self.language_model.embed_tokens(input_ids)
+        if vision is None:
+            return h, None, deepstack_embeds
+        b, n, d = h.shape
+        h = h.reshape(b * n, d).index_copy(0, vision.index, vision.features.to(h.dtype)).view(b, n, d)
+        if deepstack_embeds is None and self.language_model.norm is not None:
+            return h, vision.index, vision.deepstack
+        if not vision.slots:
+            return h, None, deepstack_embeds
+        count = len(self.args.vision.deepstack_visual_indexes)
+        return (
+            h,
+            None,
+            dense_deepstack(vision.deepstack, vision.slots, vision.index, h, count, deepstack_embeds),
+        )
 
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None,
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         image_grid_thw: torch.Tensor | None = None,
@@ -104,47 +165,99 @@ class Qwen3VL(nn.Module):
         position_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
         cache=None,
         return_hidden: bool = False,
         logits_to_keep: int = 0,
+        *,
+        hidden_states: torch.Tensor | None = None,
+        deepstack_embeds: torch.Tensor | None = None,
+        vision_states: torch.Tensor | None = None,
     ) -> ModelOutput:
         """Padded batch (`attention_mask [B, L]`), packed row (`B == 1`, `cu_seqlens`, per-sample
         `position_ids [3, 1, L]`) or cached decode (`cache`, explicit `position_ids`).
 
         `return_hidden=True` skips the lm_head and returns the final hidden states (chunked losses).
+
+        A pipeline stage passes what earlier stages computed: `vision_states` (the vision tower's hidden
+        states, its grids alongside), `hidden_states` (the decoder's, instead of embedding `input_ids`) and
+        `deepstack_embeds` (dense DeepStack features). It returns the same fields for the next stage; a stage
+        without the final norm returns its decoder output un-normed and no aux loss (the pipeline pools the
+        router statistics across stages, `moe.router_statistics`).
+
+        `max_seqlen` (the longest packed sample, a host int) spares FlashAttention a device sync; computed
+        here once if not given.
         """
-        a = self.args
-        if cu_seqlens is not None and input_ids.shape[0] != 1:
+        if cu_seqlens is not None and (hidden_states if input_ids is None else input_ids).shape[0] != 1:
             raise ValueError("packed input (cu_seqlens) must be a single row: input_ids [1, L]")
-        if attention_mask is not None and bool(attention_mask.all()) and cache is None:
-            attention_mask = None  # no padding: plain causal attention is faster and identical
-        h, visual_index, deepstack = self.embed(
-            input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
-        )
+        if attention_mask is not None and bool(attention_mask.all()):
+            # No padding (training or an unpadded generation prefill): causal attention without an [L, L] mask
+            # (FlashAttention through SDPA on CUDA), identical; decode steps then need no mask either.
+            attention_mask = None
+        visual_index, deepstack = None, deepstack_embeds
+        if hidden_states is None:
+            vision = self.encode_vision(
+                input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, vision_states
+            )
+            # A stage holding vision blocks but not the merger: the tower continues on the next stage.
+            if self.visual is not None and self.visual.merger is None:
+                return self._vision_stage_output(vision, deepstack_embeds, input_ids)
+            h, visual_index, deepstack = self.embed(input_ids, vision, deepstack_embeds)
+        else:
+            h = hidden_states
+        h = self.decode(
+            h, input_ids, position_ids, image_grid_thw, video_grid_thw, attention_mask, cu_seqlens, cache,
+            visual_index=visual_index, deepstack=deepstack, max_seqlen=max_seqlen,
+        )  # fmt: skip
+        whole = hidden_states is None and self.language_model.norm is not None
+        aux = self.aux_loss(attention_mask) if whole else None
+        if self.language_model.norm is None:  # a pipeline stage: the decoder continues on the next stage
+            return ModelOutput(hidden_states=h, deepstack_embeds=deepstack)
+        if return_hidden:
+            return ModelOutput(hidden_states=h, aux_loss=aux)
+        logits = self.lm_head(h if logits_to_keep <= 0 else h[:, -logits_to_keep:])
+        loss = None if labels is None else lm_loss(logits, shift_labels(labels, cu_seqlens))
+        return ModelOutput(logits=logits, loss=loss, aux_loss=aux)
+
+    def _vision_stage_output(self, vision: VisionOutput | None, deepstack_embeds, input_ids) -> ModelOutput:
+        """A pipeline stage holding only vision blocks: its hidden states and DeepStack features (dense)."""
+        if vision is None:
+            return ModelOutput(deepstack_embeds=deepstack_embeds)
+        deepstack = deepstack_embeds
+        if vision.slots:
+            like = vision.features.new_empty(*input_ids.shape, self.args.text.hidden_size)
+            n = len(self.args.vision.deepstack_visual_indexes)
+            deepstack = dense_deepstack(
+                vision.deepstack, vision.slots, vision.index, like, n, deepstack_embeds
+            )
+        return ModelOutput(vision_states=vision.features, deepstack_embeds=deepstack)
+
+    def decode(
+        self, h, input_ids, position_ids, image_grid_thw, video_grid_thw, attention_mask, cu_seqlens, cache,
+        *, visual_index=None, deepstack=None, max_seqlen=None,
+    ) -> torch.Tensor:  # fmt: skip
+        """The decoder layers this model holds (and the final norm, if it holds it) on embeddings `h`."""
+        a = self.args
         position_ids = self.positions(
             input_ids, position_ids, image_grid_thw, video_grid_thw, attention_mask, cu_seqlens, cache
         )
         cos, sin = text_rope_cos_sin(
             position_ids.to(h.device), a.text.head_dim, a.text.rope_theta, a.text.mrope_section, h.dtype
         )
-        lq = input_ids.shape[1]
+        lq = h.shape[1]
         s = lq + (cache.seq_len if cache is not None else 0)
-        flash = varlen_attn is not None and h.is_cuda and h.dtype in (torch.bfloat16, torch.float16)
         mask = None
-        if not (flash and cu_seqlens is not None):
+        if uses_varlen(h) and cu_seqlens is not None:  # FlashAttention varlen: no [L, L] mask
+            if max_seqlen is None:
+                max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())  # one sync per forward
+        else:
             mask = build_mask(
                 lq, s, causal=True, attention_mask=attention_mask, cu_seqlens=cu_seqlens, device=h.device
             )
-        h = self.language_model(
+        return self.language_model(
             h, cos, sin, visual_index=visual_index, deepstack=deepstack, attention_mask=attention_mask,
-            cu_seqlens=cu_seqlens, mask=mask, cache=cache,
+            cu_seqlens=cu_seqlens, mask=mask, cache=cache, max_seqlen=max_seqlen,
         )  # fmt: skip
-        aux = self.aux_loss(attention_mask)
-        if return_hidden:
-            return ModelOutput(hidden_states=h, aux_loss=aux)
-        logits = self.lm_head(h if logits_to_keep <= 0 else h[:, -logits_to_keep:])
-        loss = None if labels is None else lm_loss(logits, shift_labels(labels, cu_seqlens))
-        return ModelOutput(logits=logits, loss=loss, aux_loss=aux)
 
     def positions(
         self, input_ids, position_ids, image_grid_thw, video_grid_thw, attention_mask, cu_seqlens, cache

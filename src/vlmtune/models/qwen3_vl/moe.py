@@ -17,10 +17,18 @@ from torch import nn
 from .config import TextArgs
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+# Up to torch 2.10 the CPU grouped GEMM needs 16-byte aligned data; later releases take any pointer.
+_CPU_NEEDS_ALIGNED = torch.torch_version.TorchVersion(torch.__version__) < "2.11"
+
+
+@torch.compiler.assume_constant_result
+def _cuda_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """Whether PyTorch has a grouped GEMM kernel for `x`'s device and dtype (and these expert weights)."""
+    """Whether PyTorch has a grouped GEMM kernel for `x`'s device and dtype (and these expert weights).
+    Decided from devices, dtypes and shapes alone, so it traces under `torch.compile`."""
     if _grouped_mm is None:
         return False
     if x.device.type == "cuda":
@@ -28,12 +36,23 @@ def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
         # every row stride a multiple of 16 bytes.
         need = (8, 0) if hasattr(F, "grouped_mm") else (9, 0)
         aligned = all(d % 8 == 0 for w in weights for d in w.shape[1:]) and x.shape[-1] % 8 == 0
-        return x.dtype == torch.bfloat16 and aligned and torch.cuda.get_device_capability(x.device) >= need
+        index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+        return x.dtype == torch.bfloat16 and aligned and _cuda_capability(index) >= need
     if x.device.type == "cpu":
-        # The CPU kernel exists from torch 2.9 (F.grouped_mm from 2.10); up to 2.10 it needs 16-byte aligned data.
-        aligned = all(t.data_ptr() % 16 == 0 for t in (x, *weights))
+        # The CPU kernel exists from torch 2.9 (F.grouped_mm from 2.10) and takes fp32 too, but the compiler's
+        # shape function accepts bf16 only.
+        if torch.compiler.is_compiling():
+            return hasattr(F, "grouped_mm") and x.dtype == torch.bfloat16
+        aligned = not _CPU_NEEDS_ALIGNED or all(t.data_ptr() % 16 == 0 for t in (x, *weights))
         return hasattr(F, "grouped_mm") and aligned and x.dtype in (torch.float32, torch.bfloat16)
     return False
+
+
+def count_per_expert(index: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """`[E]` int64 (token, expert) assignment counts of `index`. A scatter-add of fixed size: unlike
+    `torch.bincount`, whose output size depends on the data, it never waits for the GPU."""
+    flat = index.reshape(-1)
+    return flat.new_zeros(num_experts).scatter_add_(0, flat, torch.ones_like(flat))
 
 
 def swiglu_by_expert(
@@ -45,6 +64,7 @@ def swiglu_by_expert(
         offs = counts.cumsum(0).to(torch.int32)
         gate, up = _grouped_mm(rows, gate_up, offs=offs).chunk(2, dim=-1)
         return _grouped_mm(F.silu(gate) * up, down, offs=offs)
+    # The fallback loop needs the sizes on the host (one sync); the grouped path never does.
     # split/unbind (not slicing): their backward writes one gradient tensor, not one per expert.
     sizes = counts.tolist()
     parts = []
@@ -73,7 +93,7 @@ def expert_mlp(
     n, k = index.shape
     flat = index.reshape(-1)
     order = torch.argsort(flat, stable=True)  # stable: each expert's rows stay in token order
-    counts = torch.bincount(flat, minlength=gate_up.shape[0])
+    counts = count_per_expert(flat, gate_up.shape[0])
     y = swiglu(x[order // k], gate_up, down, counts, grouped=grouped)
     y = y * weights.reshape(-1)[order, None]
     # Back to (token, slot) order, then sum the k slots of each token.
@@ -143,7 +163,8 @@ class SparseMoE(nn.Module):
         out, counts = self.experts(flat, index, weights)
         # Inside backward this is an activation-checkpoint recompute: the forward already recorded this
         # routing, and holding the recomputed graph on the module would undo the checkpoint's memory saving.
-        if torch._C._current_graph_task_id() == -1:
+        # (A compiled block recomputes inside its own backward graph, never through this Python code.)
+        if torch.compiler.is_compiling() or torch._C._current_graph_task_id() == -1:
             self.last_tokens_per_expert = counts.detach()
             self.last_aux_loss = None  # set by `load_balancing_loss` (the model runs it after every forward)
             self._probs, self._index, self._rows_shape = probs, index, (shape[0], flat.shape[0] // shape[0])
@@ -169,28 +190,61 @@ def load_balancing_loss(model: nn.Module, attention_mask: torch.Tensor | None = 
     if not ran:
         shares = [b.last_aux_loss for b in blocks if b.last_aux_loss is not None]
         return torch.stack(shares).sum() if shares else None
-    n_exp, k, dev = ran[0].num_experts, ran[0].top_k, ran[0]._probs.device
     bsz, seq = ran[0]._rows_shape
     if attention_mask is None:
-        w = torch.ones(bsz * seq, device=dev)
+        w = None
     else:
         if attention_mask.ndim != 2 or attention_mask.shape[0] != bsz or attention_mask.shape[1] < seq:
             raise ValueError(
                 f"attention_mask {tuple(attention_mask.shape)} does not cover the {bsz}x{seq} routed tokens"
             )
         # With a KV cache the mask covers cached + new tokens; the routed rows are the last `seq`.
-        w = attention_mask[:, -seq:].reshape(-1).to(dev, torch.float32)
-    rows = w.sum() * len(ran)
-    with torch.no_grad():  # counts carry no gradient (they come from topk), as in transformers
-        assigned = torch.zeros(n_exp, device=dev)
-        for b in ran:
-            assigned = assigned.scatter_add(0, b._index.reshape(-1), w.repeat_interleave(k))
-        f = assigned / rows
-    prob_sums = [(b._probs * w[:, None]).sum(0) for b in ran]
-    for b, p in zip(ran, prob_sums):
-        b.last_aux_loss = n_exp * (f * p / rows).sum()
-        b._probs = b._index = None
-    return n_exp * (f * torch.stack(prob_sums).sum(0) / rows).sum()
+        w = attention_mask[:, -seq:].reshape(-1).to(ran[0]._probs.device, torch.float32)
+    per_layer = [_layer_statistics(b, w) for b in ran]
+    total = per_layer[0]
+    for s in per_layer[1:]:
+        total = total + s  # layer by layer, as `router_statistics` folds them across pipeline stages
+    rows = (w.sum() if w is not None else torch.tensor(float(bsz * seq), device=total.device)) * len(ran)
+    f = total[0].detach() / rows
+    for b, s in zip(ran, per_layer):
+        b.last_aux_loss = b.num_experts * (f * s[1] / rows).sum()
+    return pooled_aux_loss(total, rows)
+
+
+def _layer_statistics(block: SparseMoE, row_weights: torch.Tensor | None) -> torch.Tensor:
+    """`[2, E]` fp32 of one layer's last forward: top-k assignments per expert (no gradient: they come from
+    topk, as in transformers) and summed router probabilities, rows weighted by `row_weights [N]`. Frees
+    the per-token routing state."""
+    probs, index = block._probs, block._index
+    w = row_weights if row_weights is not None else probs.new_ones(probs.shape[0])
+    with torch.no_grad():
+        assigned = probs.new_zeros(block.num_experts).scatter_add(
+            0, index.reshape(-1), w.repeat_interleave(block.top_k)
+        )
+    block._probs = block._index = None
+    return torch.stack([assigned, (probs * w[:, None]).sum(0)])
+
+
+def router_statistics(
+    model: nn.Module, row_weights: torch.Tensor | None = None, into: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """The load-balancing statistics of the sparse layers this model ran in its last forward, `[2, E]` fp32
+    (assignments, summed probabilities; see `_layer_statistics`), added layer by layer onto `into` (the
+    statistics of earlier pipeline stages). `row_weights [B*L]` (1 real token, 0 padding) drops rows. With
+    `pooled_aux_loss` on the last stage this is `load_balancing_loss` of the whole model, summed in the same
+    order. Frees the per-token routing state; returns `into` when no sparse layer ran."""
+    total = into
+    for b in sparse_blocks(model):
+        if b._probs is not None:
+            s = _layer_statistics(b, row_weights)
+            total = s if total is None else total + s
+    return total
+
+
+def pooled_aux_loss(stats: torch.Tensor, rows: torch.Tensor | float) -> torch.Tensor:
+    """`E * sum_e f_e * P_e` from the pooled `[2, E]` statistics and the (layer, token) row count."""
+    f = stats[0].detach() / rows
+    return stats.shape[1] * (f * stats[1] / rows).sum()
 
 
 def tokens_per_expert(model: nn.Module) -> dict[str, torch.Tensor]:

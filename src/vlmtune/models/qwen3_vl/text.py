@@ -1,7 +1,7 @@
 """Qwen3 text decoder with interleaved MRoPE and DeepStack injection.
 
 Layers live in a `ModuleDict` keyed by their global index so a pipeline stage can delete the ones it does
-not own and checkpoint keys stay `layers.<i>.*`.
+not own and checkpoint keys stay `layers.<i>.*`; a stage without the embedding or the final norm holds None.
 """
 
 from __future__ import annotations
@@ -51,7 +51,9 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
         self.core_attention = CoreAttention(causal=True)
 
-    def forward(self, x, cos, sin, *, attention_mask=None, cu_seqlens=None, mask=None, cache=None):
+    def forward(
+        self, x, cos, sin, *, attention_mask=None, cu_seqlens=None, mask=None, cache=None, max_seqlen=None
+    ):
         b, n, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(b, n, -1, self.head_dim)).transpose(1, 2)
         k = self.k_norm(self.k_proj(x).view(b, n, -1, self.head_dim)).transpose(1, 2)
@@ -59,7 +61,9 @@ class Attention(nn.Module):
         q, k = rotate(q, cos[:, None], sin[:, None]), rotate(k, cos[:, None], sin[:, None])
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        out = self.core_attention(q, k, v, attention_mask=attention_mask, cu_seqlens=cu_seqlens, mask=mask)
+        out = self.core_attention(
+            q, k, v, attention_mask=attention_mask, cu_seqlens=cu_seqlens, mask=mask, max_seqlen=max_seqlen
+        )
         return self.o_proj(out.reshape(b, n, -1))
 
 
@@ -110,17 +114,26 @@ class TextDecoder(nn.Module):
         sin: torch.Tensor,
         *,
         visual_index: torch.Tensor | None = None,
-        deepstack: list[torch.Tensor] | None = None,
+        deepstack: list[torch.Tensor] | torch.Tensor | None = None,
         **attn_kwargs,
     ) -> torch.Tensor:
-        """`h [B, L, D]` input embeddings -> final-normed hidden states.
+        """`h [B, L, D]` input embeddings -> hidden states of the layers this decoder holds, final-normed
+        if it holds the norm (a pipeline stage may hold neither the embedding nor the norm).
 
-        DeepStack feature `k` is added at the flat visual positions `visual_index` after decoder layer `k`.
+        DeepStack feature `k` is added after decoder layer `k`: `deepstack[k]` is either the features at the
+        flat visual positions `visual_index`, or (`visual_index` None) a dense `[B, L, D]` tensor, zero off
+        those positions — a pipeline stage receives them dense.
         """
         for i, layer in self.layers.items():
             h = layer(h, cos, sin, **attn_kwargs)
             k = int(i)
             if deepstack is not None and k < len(deepstack):
-                b, n, d = h.shape
-                h = h.reshape(b * n, d).index_add(0, visual_index, deepstack[k].to(h.dtype)).view(b, n, d)
+                h = add_deepstack(h, deepstack[k], visual_index)
         return self.norm(h) if self.norm is not None else h
+
+
+def add_deepstack(h: torch.Tensor, feature: torch.Tensor, visual_index: torch.Tensor | None) -> torch.Tensor:
+    if visual_index is None:
+        return h + feature.to(h.dtype)
+    b, n, d = h.shape
+    return h.reshape(b * n, d).index_add(0, visual_index, feature.to(h.dtype)).view(b, n, d)
