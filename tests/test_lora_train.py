@@ -268,6 +268,7 @@ def test_init_from_loads_a_peft_adapter_and_refuses_another_rank(dense_run, dens
     adapter = os.path.join(dense_run["out"], "adapter")
     raw = config(tmp_path / "cont", dense_ckpt, dataset, {**DENSE_LORA, "init_from": adapter})
     cfg = from_dict(raw)
+    os.makedirs(cfg.output_dir)
     args = load_config(dense_ckpt)
     info = init_distributed(cfg.train.device, cfg.parallel, args)
     try:
