@@ -10,8 +10,6 @@ import logging
 import os
 import re
 import signal
-import subprocess
-import sys
 import warnings
 
 import pytest
@@ -305,12 +303,3 @@ def test_docs_examples_run(dense_run, dense_ckpt):
     for name in ("qwen3vl_8b_lora.yaml", "qwen3vl_30b_a3b_lora.yaml"):
         cfg = load(os.path.join(ROOT, "configs", name), check_paths=False)
         assert cfg.lora.rank > 0
-
-
-@pytest.mark.slow
-def test_bench_lora_smoke():
-    res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_lora.py"), "--smoke"],
-                         capture_output=True, text=True, timeout=900)  # fmt: skip
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    rows = [line.split()[0] for line in res.stdout.splitlines()]
-    assert {"full", "lora", "qlora"} <= set(rows) and "QLoRA: NF4 weights' max relative error" in res.stdout
