@@ -97,6 +97,7 @@ class StepResult:
     tokens: int  # input tokens of the step, all ranks
     label_tokens: int
     skipped: bool
+    flops: float = 0.0  # model FLOPs of the step over all ranks (filled in by the trainer)
 
 
 def clip_and_norm(params: list[torch.Tensor], max_norm: float, pp_group=None) -> float:

@@ -30,8 +30,9 @@ from vlmtune.parallel.mesh import DistInfo, close_distributed, init_distributed,
 
 from .build import build_sharded_model, build_sharded_pipeline
 from .config import TrainConfig
+from .flops import Trainable
 from .freeze import apply_freeze
-from .metrics import MetricsLogger, flops_per_token, peak_memory_gb, peak_tflops, plot
+from .metrics import MetricsLogger, micro_batch_flops, peak_memory_gb, peak_tflops, plot
 from .optim import Schedule, build_optimizer
 from .skips import RunSkips
 from .step import DataParallelStep, PipelineStep, StepResult, TrainModule, finish_step
@@ -243,7 +244,13 @@ class Trainer:
             self.step + 1, pp_group,
         )  # fmt: skip
         self.step += 1
-        self.consumed += int(all_reduce_host([sum(len(b.sample_ids) for b in micro)], self.info.dp_group)[0])
+        # Samples and model FLOPs of the step over all data shards (tensor / pipeline ranks share theirs).
+        trainable = Trainable.from_freeze(self.cfg.freeze)
+        flops = sum(micro_batch_flops(self.args, b, trainable) for b in micro)
+        samples, result.flops = all_reduce_host(
+            [sum(len(b.sample_ids) for b in micro), flops], self.info.dp_group
+        )
+        self.consumed += int(samples)
         return result
 
     def agreed(self, fetch):
@@ -292,17 +299,11 @@ class Trainer:
             len(self.model.language_model.layers), " and the vision tower" if self.model.visual is not None else "",
         )  # fmt: skip
 
-    def _stage_flops_per_token(self) -> float:
-        fpt = flops_per_token(self.model)
-        if self.info.parallel.pp > 1:  # each stage holds part of the model
-            fpt = all_reduce_host([fpt], group=self.info.mesh["pp"].get_group())[0]
-        return fpt
-
     def loop(self) -> dict:
         cfg, c = self.cfg, self.cfg.checkpoint
         peak = peak_tflops(self.info.device, cfg.logging.peak_tflops) * 1e12
-        fpt, last, start_step = self._stage_flops_per_token(), {}, self.step
-        window_tokens, window_start = 0, time.perf_counter()
+        last, start_step = {}, self.step
+        window_tokens, window_flops, window_start = 0, 0.0, time.perf_counter()
         bar = tqdm(
             total=self.n_steps,
             initial=self.step,
@@ -314,11 +315,14 @@ class Trainer:
             micro = self.agreed(lambda: [next(batches) for _ in range(self.accum)])
             lr = self.schedule.set(self.step)
             result = self.train_step(micro)
-            window_tokens += result.tokens
+            window_tokens, window_flops = window_tokens + result.tokens, window_flops + result.flops
             if self.step % cfg.logging.log_interval == 0 or self.step == self.n_steps:
-                tps = window_tokens / max(time.perf_counter() - window_start, 1e-9)
-                last = self._log_step(result, lr, tps, fpt, peak)
-                window_tokens, window_start = 0, time.perf_counter()
+                elapsed = max(time.perf_counter() - window_start, 1e-9)
+                tps = window_tokens / elapsed
+                # MFU: the model FLOPs that ran (train/flops.py), per GPU, over the device's peak.
+                mfu = window_flops / elapsed / self.info.world_size / peak if peak > 0 else None
+                last = self._log_step(result, lr, tps, mfu)
+                window_tokens, window_flops, window_start = 0, 0.0, time.perf_counter()
                 bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
             bar.update(1)
             if self.val_loader is not None and cfg.eval.interval and self.step % cfg.eval.interval == 0:
@@ -341,11 +345,11 @@ class Trainer:
             "steps_run": self.step - start_step,
         }
 
-    def _log_step(self, result: StepResult, lr: float, tps: float, fpt: float, peak: float) -> dict:
+    def _log_step(self, result: StepResult, lr: float, tps: float, mfu: float | None) -> dict:
         record = {
             "step": self.step, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
             "tokens": result.tokens, "label_tokens": result.label_tokens, "consumed_samples": self.consumed,
-            "tokens_per_s": tps, "mfu": (tps * fpt / self.info.world_size / peak) if peak > 0 else None,
+            "tokens_per_s": tps, "mfu": mfu,
             "peak_mem_gb": peak_memory_gb(self.info.device), "skipped": result.skipped, **self.skips.metrics(),
         }  # fmt: skip
         self.logger.log(record)
