@@ -80,11 +80,6 @@ def _check_split(args: ModelArgs, llm: list[int], vit: list[int], pp: int) -> in
         raise ParallelError(
             f"parallel.vit_pp_layers {vit} must have {n} entries summing to the vision depth {depth}"
         )
-    if vit[0] != depth:
-        raise ParallelError(
-            f"parallel.vit_pp_layers {vit}: the vision tower must be entirely on the first stage, e.g. "
-            f"{[depth] + [0] * (n - 1)}"
-        )
     text_start = max((i for i, v in enumerate(vit) if v), default=0)
     if any(v == 0 for v in vit[:text_start]):
         raise ParallelError(
