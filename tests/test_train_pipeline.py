@@ -10,14 +10,17 @@ it: losses within 1e-5 relative, gradient norms within 1e-4.
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
+import yaml
 
 from dist_utils import run_ranks
-from test_train_parallel import torchrun
+from test_train_parallel import ROOT, torchrun
 from test_train_utils import run_config
 from vlmtune.demo import make_dataset
+from vlmtune.parallel.layout import ParallelConfig
 from vlmtune.train.config import from_dict
 from vlmtune.train.metrics import read_metrics
 from vlmtune.train.trainer import train
@@ -221,6 +224,68 @@ def test_dp2_x_pp2_x_tp2_on_one_mesh(tmp_path, tmp_path_factory, tied_ckpt, data
     raw = config(out, tied_ckpt, dataset, train=steps, parallel={"pp": 2, "tp": 2, "llm_pp_layers": [1, 1]})
     assert_tied_copies_bitwise_equal(run_ranks(train_and_return_tied_weights, 8, raw))
     assert_same_run(out, ref, [1, 2])
+
+
+# The shipped configs' layer counts (Qwen3-VL 8B, 4B, 30B-A3B); widths do not matter to the layout checks.
+SHIPPED = {
+    "qwen3vl_8b.yaml": (dict(text_layers=36, vision_depth=27, deepstack=(8, 16, 24)), 8),
+    "qwen3vl_4b.yaml": (
+        dict(text_layers=36, vision_depth=24, deepstack=(5, 11, 17), tie_word_embeddings=True),
+        8,
+    ),
+    "qwen3vl_30b_a3b.yaml": (
+        dict(
+            text_layers=48,
+            vision_depth=27,
+            deepstack=(8, 16, 24),
+            moe=dict(num_experts=128, num_experts_per_tok=8, moe_intermediate_size=8),
+        ),
+        32,
+    ),
+}
+
+
+def commented_parallel_section(path: str) -> dict | None:
+    """The `# parallel:` block a config shows as a commented variant, uncommented."""
+    lines = open(path).read().splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("# parallel:")), None)
+    if start is None:
+        return None
+    block = [lines[start][2:]]
+    for line in lines[start + 1 :]:
+        if not line.startswith("#   "):
+            break
+        block.append(line[2:])
+    return yaml.safe_load("\n".join(block))["parallel"]
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_shipped_configs_resolve_on_their_models(name):
+    """Each shipped config (and its commented pipeline variant: the seed's [6, 14, 14, 14] / [27, 0, 0, 0]
+    for 30B-A3B) passes the trainer's layout checks on the model it names, and fills its pipeline."""
+    from vlmtune.models.qwen3_vl import args_from_hf_dict
+    from vlmtune.testing import tiny_config_dict
+    from vlmtune.train.config import load
+    from vlmtune.train.trainer import accumulation_steps, check_config
+
+    sizes, world = SHIPPED[name]
+    args = args_from_hf_dict(tiny_config_dict(**sizes))
+    path = os.path.join(ROOT, "configs", name)
+    cfg = load(path, check_paths=False)
+    variants = [cfg.parallel]
+    if (extra := commented_parallel_section(path)) is not None:
+        variants.append(ParallelConfig(**{**ParallelConfig().__dict__, **extra}))
+    for parallel in variants:
+        cfg.parallel = parallel
+        layout = check_config(cfg, args, world)
+        assert accumulation_steps(cfg, 1, 1, layout.dp) >= layout.pp
+    if name == "qwen3vl_30b_a3b.yaml":
+        assert (layout.pp, layout.ep, layout.llm_pp_layers, layout.vit_pp_layers) == (
+            4,
+            8,
+            [6, 14, 14, 14],
+            [27, 0, 0, 0],
+        )
 
 
 def test_too_few_micro_batches_for_the_schedule_is_a_clear_error(tmp_path, deep_ckpt, dataset):
