@@ -18,10 +18,12 @@ from vlmtune.checkpoint import cli as checkpoint_cli
 from vlmtune.data import cli as data_cli
 from vlmtune.errors import ConfigError, VlmtuneError
 from vlmtune.infer import cli as infer_cli
+from vlmtune.infer import verify_cli
 from vlmtune.train import cli as train_cli
+from vlmtune.train import mindspeed_cli, plan_cli
 
 # Areas whose `register(subparsers)` adds commands, in `--help` order.
-COMMAND_MODULES = (train_cli, checkpoint_cli, infer_cli, data_cli, demo)
+COMMAND_MODULES = (train_cli, plan_cli, checkpoint_cli, infer_cli, verify_cli, data_cli, mindspeed_cli, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

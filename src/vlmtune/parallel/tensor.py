@@ -46,7 +46,7 @@ def validate_tensor_parallel(args: ModelArgs, tp: int) -> None:
             raise ParallelError(f"parallel.tp={tp} does not divide {name}={n}; {_divisors_note(name, n)}")
 
 
-def _decoder_plan(layer) -> dict:
+def decoder_plan(layer) -> dict:
     plan = {
         "self_attn.q_proj": ColwiseParallel(),
         "self_attn.k_proj": ColwiseParallel(),
@@ -67,7 +67,7 @@ def _decoder_plan(layer) -> dict:
     return plan
 
 
-_VISION_BLOCK_PLAN = {
+VISION_BLOCK_PLAN = {
     "attn.q_proj": ColwiseParallel(),
     "attn.k_proj": ColwiseParallel(),
     "attn.v_proj": ColwiseParallel(),
@@ -75,7 +75,7 @@ _VISION_BLOCK_PLAN = {
     "mlp.linear_fc1": ColwiseParallel(),
     "mlp.linear_fc2": RowwiseParallel(),
 }
-_MERGER_PLAN = {"linear_fc1": ColwiseParallel(), "linear_fc2": RowwiseParallel()}
+MERGER_PLAN = {"linear_fc1": ColwiseParallel(), "linear_fc2": RowwiseParallel()}
 
 
 def apply_tensor_parallel(model: Qwen3VL, tp_mesh, *, gather_logits: bool = True) -> None:
@@ -91,11 +91,11 @@ def apply_tensor_parallel(model: Qwen3VL, tp_mesh, *, gather_logits: bool = True
         {"embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())},
     )
     for layer in model.language_model.layers.values():
-        parallelize_module(layer, tp_mesh, _decoder_plan(layer))
+        parallelize_module(layer, tp_mesh, decoder_plan(layer))
     for block in model.visual.blocks.values():
-        parallelize_module(block, tp_mesh, _VISION_BLOCK_PLAN)
+        parallelize_module(block, tp_mesh, VISION_BLOCK_PLAN)
     for merger in [model.visual.merger, *model.visual.deepstack_merger_list]:
-        parallelize_module(merger, tp_mesh, _MERGER_PLAN)
+        parallelize_module(merger, tp_mesh, MERGER_PLAN)
     parallelize_module(
         model,
         tp_mesh,

@@ -1,0 +1,215 @@
+"""A training config -> its plan: the configured layout's estimate and the layouts that fit, fastest first."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field, replace
+
+from vlmtune.errors import ParallelError
+from vlmtune.models.qwen3_vl import load_config
+from vlmtune.models.qwen3_vl.config import ModelArgs
+from vlmtune.parallel.fsdp import AC_MODES
+from vlmtune.parallel.layout import ParallelConfig, even_split, resolve
+from vlmtune.parallel.tensor import validate_tensor_parallel
+
+from .config import TrainConfig
+from .flops import LoraSpec, Trainable, active_decoder_params
+from .plan import HEADROOM, RUNTIME_RESERVE_GIB, Context, Estimate, Hardware, estimate, make_workload
+from .plan_memory import Layout, Precision, build_meta_model, param_records
+from .trainer import accumulation_steps
+
+MAX_SUGGESTIONS = 5
+
+
+def lora_spec(cfg: TrainConfig) -> LoraSpec | None:
+    """The config's `lora:` section (rank, targets) when it has one with a positive rank."""
+    section = getattr(cfg, "lora", None)
+    if section is None:
+        return None
+    get = section.get if isinstance(section, dict) else lambda k, d=None: getattr(section, k, d)
+    rank = int(get("rank", 0) or 0)
+    if rank <= 0 or get("enabled", True) is False:
+        return None
+    targets = get("targets", None)
+    return LoraSpec(rank, list(targets)) if targets else LoraSpec(rank)
+
+
+def max_image_patches(cfg: TrainConfig, args: ModelArgs) -> int:
+    """Patches of the largest image the processor makes: data.image_max_pixels, else the checkpoint's
+    preprocessor config, else a 2048 x 2048 image (vision attention spans one image)."""
+    pixels = cfg.data.image_max_pixels
+    if pixels is None:
+        path = os.path.join(cfg.model.init_from_hf, "preprocessor_config.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                pre = json.load(f)
+            pixels = pre.get("max_pixels") or (pre.get("size") or {}).get("longest_edge")
+    return int(pixels or 2048 * 2048) // args.vision.patch_size**2
+
+
+def make_context(cfg: TrainConfig, hardware: Hardware, vision_share: float | None = None) -> Context:
+    args = load_config(cfg.model.init_from_hf)
+    lora = lora_spec(cfg)
+    trainable = Trainable.from_freeze(cfg.freeze)
+    model = build_meta_model(args, cfg.freeze)
+    patches = max_image_patches(cfg, args)
+
+    def make(budget: int):
+        return make_workload(cfg, args, budget, vision_share, patches)
+
+    def accumulation(budget: int, dp: int) -> int:
+        work = ctx.workload(budget)
+        samples = sum(len(b.sample_lengths) for b in work.bins)
+        cfg_b = replace(cfg, train=replace(cfg.train, micro_batch_tokens=budget))
+        return accumulation_steps(cfg_b, max(1, len(work.bins) // dp), samples, dp)
+
+    ctx = Context(
+        args, param_records(model), Precision.from_config(cfg), trainable, lora, hardware, make, accumulation,
+        loss_chunk=cfg.loss.chunk_size,
+    )  # fmt: skip
+    return ctx  # `accumulation` reads ctx's cached workloads
+
+
+def _divisors(n: int, limit: int | None = None) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0 and (limit is None or d <= limit)]
+
+
+def candidate_layouts(ctx: Context, pipeline_ok: bool) -> list[Layout]:
+    """Layouts of the world that the trainer runs today: tensor parallelism inside a node, pipelines only
+    without tp / MoE / tied embeddings, expert parallelism over data-parallel ranks, HSDP across nodes,
+    context parallelism when the config has `parallel.cp`."""
+    a, hw = ctx.args, ctx.hardware
+    has_cp = "cp" in {f.name for f in dataclasses.fields(ParallelConfig)}
+    out = []
+    for tp in _divisors(hw.gpus_per_node):
+        try:
+            validate_tensor_parallel(a, tp)
+        except ParallelError:
+            continue
+        pps = [1] + ([p for p in _divisors(hw.world // tp, 8) if p > 1] if tp == 1 and pipeline_ok else [])
+        for pp in pps:
+            for cp in _divisors(hw.world // (tp * pp), 8) if has_cp else [1]:
+                rest = hw.world // (tp * pp * cp)
+                for rep in sorted({1, hw.nodes}):
+                    if rest % rep:
+                        continue
+                    shard = rest // rep
+                    eps = [e for e in _divisors(shard) if a.text.num_experts % e == 0] if a.is_moe else [1]
+                    for ep in eps:
+                        split = even_split(a.text.num_hidden_layers, pp) if pp > 1 else []
+                        out.append(Layout(rep, shard, tp, pp, ep, cp, split))
+    return out
+
+
+@dataclass
+class Plan:
+    config: str
+    model: dict
+    hardware: dict
+    precision: dict  # dtype names: master (parameters, optimizer), compute (gathers, activations), reduce
+    workload: str
+    configured: Estimate | None
+    configured_error: str | None
+    suggestions: list[Estimate] = field(default_factory=list)
+    assumptions: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        keys = ("config", "model", "hardware", "precision", "workload", "configured_error")
+        out = {k: getattr(self, k) for k in keys}
+        out["configured"] = self.configured.to_dict() if self.configured else None
+        out["suggestions"] = [s.to_dict() for s in self.suggestions]
+        out["assumptions"] = self.assumptions
+        return out
+
+
+def suggest(ctx: Context, cfg: TrainConfig, budgets: list[int]) -> list[Estimate]:
+    """The fastest layouts that fit with the headroom (smallest peak first if the peak FLOP/s is unknown)."""
+    a = ctx.args
+    pipeline_ok = not (a.is_moe or a.tie_word_embeddings)
+    fits = []
+    for layout in candidate_layouts(ctx, pipeline_ok):
+        for budget in budgets:
+            for ac in AC_MODES:
+                if layout.pp > 1 and ctx.accumulation(budget, layout.dp) < layout.pp:
+                    continue  # the pipeline's micro-batches are the step's accumulation steps
+                est = estimate(ctx, layout, ac, budget)
+                if est.fits:
+                    fits.append(est)
+    if all(e.tokens_per_s for e in fits):
+        fits.sort(key=lambda e: (-e.tokens_per_s, e.peak))
+    else:
+        fits.sort(key=lambda e: e.peak)
+    best, seen = [], set()
+    for e in fits:  # one micro-batch size per layout and checkpointing mode: the best one
+        key = (repr(e.layout), e.activation_checkpointing)
+        if key not in seen:
+            seen.add(key)
+            best.append(e)
+    return best[:MAX_SUGGESTIONS]
+
+
+def make_plan(
+    cfg: TrainConfig, config_path: str, hardware: Hardware, vision_share: float | None = None
+) -> Plan:
+    ctx = make_context(cfg, hardware, vision_share)
+    a = ctx.args
+    budget = cfg.train.micro_batch_tokens
+    work = ctx.workload(budget)
+    configured, error = None, None
+    try:
+        layout = Layout.from_parallel(resolve(cfg.parallel, hardware.world, a))
+        configured = estimate(ctx, layout, cfg.model.activation_checkpointing, budget)
+    except ParallelError as e:
+        error = str(e)
+    budgets = sorted({b for b in (budget // 2, budget, budget * 2) if b >= max(work.longest_sample, 256)})
+    n_params = sum(math.prod(r.shape) for r in ctx.records)
+    active = sum(active_decoder_params(a.text).values())
+    return Plan(
+        config=config_path,
+        model={
+            "path": cfg.model.init_from_hf,
+            "type": a.model_type,
+            "parameters": n_params,
+            "active_decoder_parameters": active,
+            "decoder_layers": a.text.num_hidden_layers,
+            "vision_blocks": a.vision.depth,
+        },
+        hardware={
+            "gpu": hardware.gpu.name,
+            "memory_gib": hardware.gpu.memory_gib,
+            "nodes": hardware.nodes,
+            "gpus_per_node": hardware.gpus_per_node,
+            "peak_tflops": hardware.peak_tflops,
+            "efficiency": hardware.efficiency,
+        },
+        precision={
+            k: str(getattr(ctx.precision, k)).replace("torch.", "") for k in ("master", "compute", "reduce")
+        },
+        workload=work.source,
+        configured=configured,
+        configured_error=error,
+        suggestions=suggest(ctx, cfg, budgets),
+        assumptions=assumptions(ctx),
+    )
+
+
+def assumptions(ctx: Context) -> list[str]:
+    hw = ctx.hardware
+    return [
+        f"fits = peak <= {1 - HEADROOM:.0%} of GPU memory; the peak includes a {RUNTIME_RESERVE_GIB:g} GiB "
+        "runtime reserve (CUDA context, NCCL, allocator)",
+        f"time: the FLOPs that run reach {hw.efficiency:.0%} of the dense bf16 peak; FSDP traffic overlaps "
+        "compute; tensor-parallel all-reduces and expert all-to-alls do not",
+        f"bandwidth per GPU: {hw.gpu.link_gbs:g} GB/s inside a node, "
+        f"{hw.inter_node_gbs:g} GB/s between nodes",
+        "activations: "
+        + (
+            "FlashAttention (bf16)"
+            if ctx.kernel == "flash"
+            else "fp32 compute: SDPA keeps an [L, L] mask per layer (train.mixed_precision=bf16 uses FlashAttention)"
+        )
+        + "; every token of a micro-batch carries a label",
+    ]
