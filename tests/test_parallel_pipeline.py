@@ -246,3 +246,33 @@ def test_stage_plan_sends_only_what_the_next_stage_needs(pp_ckpt):
     assert [(p.blocks, p.layers, p.embeds) for p in plans] == [
         ([0, 1, 2], [0], True), ([], [1], False), ([], [2], False), ([], [3], False),
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "llm, vit", [([1, 2], None), ([0, 3], [2, 1])], ids=["decoder_split", "vision_split"]
+)
+def test_stages_in_sequence_equal_the_whole_model_bitwise(moe_ckpt, llm, vit):
+    """One process, no padding: the stages' own forwards, chained by hand (the plan's boundary tensors in
+    order), give the whole model's final hidden states and its pooled router aux loss bit for bit — the dense
+    DeepStack add equals the sparse one, and the statistics fold the layers in the same order."""
+    from vlmtune.models.qwen3_vl.moe import pooled_aux_loss, router_statistics
+    from vlmtune.parallel.pipeline import plan_stages, prune, stage_inputs
+
+    whole = load_pretrained(moe_ckpt)
+    batch = as_packed_batch(microbatches()[0])
+    out = whole(**batch.model_inputs(), return_hidden=True)
+    x = stage_inputs(batch, batch.num_tokens, "cpu")
+    sent, stats = {}, None
+    for plan in plan_stages(whole.args, llm, vit, 2):
+        stage = prune(load_pretrained(moe_ckpt), plan)
+        media = x.media if plan.first else {k: v for k, v in x.media.items() if k.endswith("grid_thw")}
+        got = stage(
+            x.input_ids, position_ids=x.position_ids, cu_seqlens=x.cu_seqlens, return_hidden=True,
+            **(media if stage.visual is not None else {}), **{k: sent[k] for k in plan.inputs if k != "router_stats"},
+        )  # fmt: skip
+        if plan.layers:
+            stats = router_statistics(stage, x.row_weights, into=stats)
+        sent = {"vision_states": got.vision_states, "hidden_states": got.hidden_states,
+                "deepstack_embeds": got.deepstack_embeds}  # fmt: skip
+    assert torch.equal(got.hidden_states, out.hidden_states)
+    assert torch.equal(pooled_aux_loss(stats, batch.num_tokens * 3), out.aux_loss)
