@@ -173,6 +173,7 @@ class StageInputs:
     media: dict  # pixel values and grids, by the model's keyword names
     num_tokens: int  # real tokens
     num_patches: int  # vision patches of the micro-batch (rows of `vision_states`)
+    max_seqlen: int  # the longest sample, the padding included (FlashAttention varlen, known on the host)
 
 
 def stage_inputs(batch, length: int, device, pad_id: int = 0) -> StageInputs:
@@ -185,18 +186,22 @@ def stage_inputs(batch, length: int, device, pad_id: int = 0) -> StageInputs:
     ids = torch.full((1, length), pad_id, **long)
     pos = torch.zeros(3, 1, length, **long)
     targets = torch.full((length,), IGNORE_INDEX, **long)
-    cu, media, patches = torch.tensor([0]), {}, 0
+    cu, media, patches, longest = torch.tensor([0]), {}, 0, pad
     if batch is not None:
         ids[:, :n], pos[..., :n], targets[:n] = batch.input_ids, batch.position_ids, batch.targets[0]
         cu, media = batch.cu_seqlens.long(), batch.media()
         patches = sum(int(g.prod(-1).sum()) for k, g in media.items() if k.endswith("grid_thw"))
+        longest = max(batch.max_seqlen, pad)
     if pad:
         cu = torch.cat([cu, cu.new_tensor([length])])
     weights = (torch.arange(length) < n).float()
-    move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device, non_blocking=True)
+
     return StageInputs(
         move(ids), move(pos), move(cu.to(torch.int32)), move(targets), move(weights),
-        {k: move(v) for k, v in media.items()}, n, patches,
+        {k: move(v) for k, v in media.items()}, n, patches, longest,
     )  # fmt: skip
 
 
