@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from vlmtune.checkpoint import dcp as checkpoint
@@ -27,6 +28,7 @@ from vlmtune.models.qwen3_vl import ModelArgs, load_config
 from vlmtune.parallel.collectives import all_reduce_host, barrier
 from vlmtune.parallel.layout import ParallelConfig, resolve
 from vlmtune.parallel.mesh import DistInfo, close_distributed, init_distributed, world_size
+from vlmtune.parallel.pipeline_rank import rank_model
 
 from .build import build_sharded_model, build_sharded_pipeline
 from .config import TrainConfig
@@ -71,26 +73,8 @@ def aux_coef(cfg: TrainConfig, args: ModelArgs) -> float:
 
 def check_config(cfg: TrainConfig, args: ModelArgs, world: int) -> ParallelConfig:
     """Everything the config alone decides, before any process group, data or weights: the layout against
-    the world size and the model (heads, layers, experts), and what pipeline parallelism cannot do yet."""
-    layout = resolve(cfg.parallel, world, args)
-    if layout.pp == 1:
-        return layout
-    problems = []
-    if layout.pp_schedule != "1f1b":
-        problems.append("parallel.pp_schedule: the trainer runs 1f1b (one stage per rank) for now")
-    if layout.tp > 1:
-        problems.append("parallel.tp with parallel.pp: not combined yet; use pp with dp_shard / ep")
-    if args.tie_word_embeddings:
-        problems.append("tied embeddings (Qwen3-VL 2B/4B) span the first and last stage: not supported yet")
-    if args.is_moe:
-        problems.append("MoE router aux loss across stages: not supported yet (use ep / dp_shard)")
-    if cfg.data.val_dataset or cfg.data.val_ratio:
-        problems.append(
-            "validation (data.val_dataset / data.val_ratio) under pipeline parallelism: not supported yet"
-        )
-    if problems:
-        raise ConfigError("parallel.pp > 1: " + "; ".join(problems))
-    return layout
+    the world size and the model (heads, layers, experts, the pipeline split and schedule)."""
+    return resolve(cfg.parallel, world, args)
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -172,15 +156,19 @@ class Trainer:
 
     def _check_pipeline_fill(self) -> None:
         p = self.info.parallel
-        if p.pp > 1 and p.pp_microbatches and p.pp_microbatches != self.accum:
+        if p.pp == 1:
+            return
+        if p.pp_microbatches and p.pp_microbatches != self.accum:
             raise ConfigError(
                 f"parallel.pp_microbatches={p.pp_microbatches}: the pipeline's micro-batches are the step's "
                 f"{self.accum} gradient-accumulation micro-batches (set it to 0, or change train.global_batch_tokens)"
             )
-        if p.pp > 1 and self.accum < p.pp:
+        if self.accum < p.pp or (p.pp_schedule == "interleaved" and self.accum % p.pp):
+            need = "a multiple of" if p.pp_schedule == "interleaved" else "at least"
             raise ConfigError(
-                f"{self.accum} micro-batch(es) per step cannot fill {p.pp} pipeline stages: raise "
-                f"train.global_batch_tokens to at least {p.pp} x train.micro_batch_tokens per data-parallel rank"
+                f"{self.accum} micro-batch(es) per step cannot fill {p.pp} pipeline stages ({p.pp_schedule} needs "
+                f"{need} pp): set train.global_batch_tokens to {need} {p.pp} x train.micro_batch_tokens per "
+                "data-parallel rank"
             )
 
     def build_model(self) -> None:
@@ -194,14 +182,15 @@ class Trainer:
             prepare=lambda m: apply_freeze(m, cfg.freeze),
         )
         if info.parallel.pp > 1:
-            pipe, stages = build_sharded_pipeline(
+            pipe, stages, tied = build_sharded_pipeline(
                 cfg.model.init_from_hf, info, n_microbatches=self.accum, length=cfg.train.micro_batch_tokens,
                 chunk_size=cfg.loss.chunk_size, **build,
             )  # fmt: skip
-            self.root, self.model = stages[0], stages[0].model
+            # The stages of this rank (several under the interleaved schedule), and one model over them.
+            self.root, self.model = nn.ModuleList(stages), rank_model([s.model for s in stages])
             self.strategy = PipelineStep(
-                pipe, stages, info, length=cfg.train.micro_batch_tokens, loss_type=cfg.loss.type,
-                aux_coef=aux_coef(cfg, self.args),
+                pipe, stages, info, n_microbatches=self.accum, length=cfg.train.micro_batch_tokens,
+                loss_type=cfg.loss.type, aux_coef=aux_coef(cfg, self.args), tied=tied,
             )  # fmt: skip
         else:
             coef = aux_coef(cfg, self.args)
@@ -213,6 +202,8 @@ class Trainer:
             )
         self.root.train()
         self.optimizer = build_optimizer(self.model, cfg)
+        if isinstance(self.strategy, PipelineStep):
+            self.strategy.exclude_tied_copy(self.optimizer)
         self.schedule = Schedule(self.optimizer, self.n_steps, cfg)
 
     def resume(self) -> None:
@@ -243,6 +234,8 @@ class Trainer:
             self.optimizer, micro, loss, tokens, label_tokens, self.cfg.optim.clip_grad, t.on_nan,
             self.step + 1, pp_group,
         )  # fmt: skip
+        if isinstance(self.strategy, PipelineStep):
+            self.strategy.after_step()
         self.step += 1
         # Samples and model FLOPs of the step over all data shards (tensor / pipeline ranks share theirs).
         trainable = Trainable.from_freeze(self.cfg.freeze)
@@ -296,7 +289,8 @@ class Trainer:
         log.info(
             "layout: pp %d x dp_replicate %d x dp_shard %d x tp %d (ep %d); this rank's stage holds %d decoder "
             "layer(s)%s", lp.pp, lp.dp_replicate, lp.dp_shard, lp.tp, lp.ep,
-            len(self.model.language_model.layers), " and the vision tower" if self.model.visual is not None else "",
+            len(self.model.language_model.layers),
+            f" and {len(self.model.visual.blocks)} vision block(s)" if self.model.visual is not None else "",
         )  # fmt: skip
 
     def loop(self) -> dict:
