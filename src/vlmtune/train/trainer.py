@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from vlmtune.checkpoint import dcp as checkpoint
@@ -28,12 +29,14 @@ from vlmtune.models.qwen3_vl import ModelArgs, load_config
 from vlmtune.parallel.collectives import all_reduce_host, barrier
 from vlmtune.parallel.layout import ParallelConfig, resolve
 from vlmtune.parallel.mesh import DistInfo, close_distributed, init_distributed, world_size
+from vlmtune.parallel.pipeline_rank import rank_model
 
 from .build import build_sharded_model, build_sharded_pipeline
 from .config import TrainConfig
+from .flops import Trainable
 from .freeze import apply_freeze
 from .lora import LoraSetup, analytic_trainable, check_lora_model
-from .metrics import MetricsLogger, flops_per_token, peak_memory_gb, peak_tflops, plot
+from .metrics import MetricsLogger, micro_batch_flops, peak_memory_gb, peak_tflops, plot
 from .optim import Schedule, build_optimizer
 from .qlora import build_quantized_model
 from .skips import RunSkips
@@ -73,26 +76,10 @@ def aux_coef(cfg: TrainConfig, args: ModelArgs) -> float:
 
 def check_config(cfg: TrainConfig, args: ModelArgs, world: int) -> ParallelConfig:
     """Everything the config alone decides, before any process group, data or weights: the layout against
-    the world size and the model (heads, layers, experts), and what pipeline parallelism cannot do yet."""
+    the world size and the model (heads, layers, experts, the pipeline split and schedule), and what the
+    `lora:` section selects in this model."""
     layout = resolve(cfg.parallel, world, args)
     check_lora_model(cfg, args)
-    if layout.pp == 1:
-        return layout
-    problems = []
-    if layout.pp_schedule != "1f1b":
-        problems.append("parallel.pp_schedule: the trainer runs 1f1b (one stage per rank) for now")
-    if layout.tp > 1:
-        problems.append("parallel.tp with parallel.pp: not combined yet; use pp with dp_shard / ep")
-    if args.tie_word_embeddings:
-        problems.append("tied embeddings (Qwen3-VL 2B/4B) span the first and last stage: not supported yet")
-    if args.is_moe:
-        problems.append("MoE router aux loss across stages: not supported yet (use ep / dp_shard)")
-    if cfg.data.val_dataset or cfg.data.val_ratio:
-        problems.append(
-            "validation (data.val_dataset / data.val_ratio) under pipeline parallelism: not supported yet"
-        )
-    if problems:
-        raise ConfigError("parallel.pp > 1: " + "; ".join(problems))
     return layout
 
 
@@ -175,15 +162,19 @@ class Trainer:
 
     def _check_pipeline_fill(self) -> None:
         p = self.info.parallel
-        if p.pp > 1 and p.pp_microbatches and p.pp_microbatches != self.accum:
+        if p.pp == 1:
+            return
+        if p.pp_microbatches and p.pp_microbatches != self.accum:
             raise ConfigError(
                 f"parallel.pp_microbatches={p.pp_microbatches}: the pipeline's micro-batches are the step's "
                 f"{self.accum} gradient-accumulation micro-batches (set it to 0, or change train.global_batch_tokens)"
             )
-        if p.pp > 1 and self.accum < p.pp:
+        if self.accum < p.pp or (p.pp_schedule == "interleaved" and self.accum % p.pp):
+            need = "a multiple of" if p.pp_schedule == "interleaved" else "at least"
             raise ConfigError(
-                f"{self.accum} micro-batch(es) per step cannot fill {p.pp} pipeline stages: raise "
-                f"train.global_batch_tokens to at least {p.pp} x train.micro_batch_tokens per data-parallel rank"
+                f"{self.accum} micro-batch(es) per step cannot fill {p.pp} pipeline stages ({p.pp_schedule} needs "
+                f"{need} pp): set train.global_batch_tokens to {need} {p.pp} x train.micro_batch_tokens per "
+                "data-parallel rank"
             )
 
     def build_model(self) -> None:
@@ -205,14 +196,15 @@ class Trainer:
             lora=self.lora,
         )
         if info.parallel.pp > 1:
-            pipe, stages = build_sharded_pipeline(
+            pipe, stages, tied = build_sharded_pipeline(
                 cfg.model.init_from_hf, info, n_microbatches=self.accum, length=cfg.train.micro_batch_tokens,
                 chunk_size=cfg.loss.chunk_size, **build,
             )  # fmt: skip
-            self.root, self.model = stages[0], stages[0].model
+            # The stages of this rank (several under the interleaved schedule), and one model over them.
+            self.root, self.model = nn.ModuleList(stages), rank_model([s.model for s in stages])
             self.strategy = PipelineStep(
-                pipe, stages, info, length=cfg.train.micro_batch_tokens, loss_type=cfg.loss.type,
-                aux_coef=aux_coef(cfg, self.args),
+                pipe, stages, info, n_microbatches=self.accum, length=cfg.train.micro_batch_tokens,
+                loss_type=cfg.loss.type, aux_coef=aux_coef(cfg, self.args), tied=tied,
             )  # fmt: skip
         else:
             coef = aux_coef(cfg, self.args)
@@ -225,6 +217,8 @@ class Trainer:
             )
         self.root.train()
         self.optimizer = build_optimizer(self.model, cfg)
+        if isinstance(self.strategy, PipelineStep):
+            self.strategy.exclude_tied_copy(self.optimizer)
         self.schedule = Schedule(self.optimizer, self.n_steps, cfg)
 
     def resume(self) -> None:
@@ -256,8 +250,16 @@ class Trainer:
             self.optimizer, micro, loss, tokens, label_tokens, self.cfg.optim.clip_grad, t.on_nan,
             self.step + 1, pp_group,
         )  # fmt: skip
+        if isinstance(self.strategy, PipelineStep):
+            self.strategy.after_step()
         self.step += 1
-        self.consumed += int(all_reduce_host([sum(len(b.sample_ids) for b in micro)], self.info.dp_group)[0])
+        # Samples and model FLOPs of the step over all data shards (tensor / pipeline ranks share theirs).
+        trainable = Trainable.from_freeze(self.cfg.freeze)
+        flops = sum(micro_batch_flops(self.args, b, trainable) for b in micro)
+        samples, result.flops = all_reduce_host(
+            [sum(len(b.sample_ids) for b in micro), flops], self.info.dp_group
+        )
+        self.consumed += int(samples)
         return result
 
     def agreed(self, fetch):
@@ -304,7 +306,8 @@ class Trainer:
         log.info(
             "layout: pp %d x dp_replicate %d x dp_shard %d x tp %d (ep %d); this rank's stage holds %d decoder "
             "layer(s)%s", lp.pp, lp.dp_replicate, lp.dp_shard, lp.tp, lp.ep,
-            len(self.model.language_model.layers), " and the vision tower" if self.model.visual is not None else "",
+            len(self.model.language_model.layers),
+            f" and {len(self.model.visual.blocks)} vision block(s)" if self.model.visual is not None else "",
         )  # fmt: skip
         if self.lora is not None:
             log.info(
@@ -313,17 +316,11 @@ class Trainer:
                 f"{analytic_trainable(self.args, self.lora):,}",
             )  # fmt: skip
 
-    def _stage_flops_per_token(self) -> float:
-        fpt = flops_per_token(self.model)
-        if self.info.parallel.pp > 1:  # each stage holds part of the model
-            fpt = all_reduce_host([fpt], group=self.info.mesh["pp"].get_group())[0]
-        return fpt
-
     def loop(self) -> dict:
         cfg, c = self.cfg, self.cfg.checkpoint
         peak = peak_tflops(self.info.device, cfg.logging.peak_tflops) * 1e12
-        fpt, last, start_step = self._stage_flops_per_token(), {}, self.step
-        window_tokens, window_start = 0, time.perf_counter()
+        last, start_step = {}, self.step
+        window_tokens, window_flops, window_start = 0, 0.0, time.perf_counter()
         bar = tqdm(
             total=self.n_steps,
             initial=self.step,
@@ -335,11 +332,14 @@ class Trainer:
             micro = self.agreed(lambda: [next(batches) for _ in range(self.accum)])
             lr = self.schedule.set(self.step)
             result = self.train_step(micro)
-            window_tokens += result.tokens
+            window_tokens, window_flops = window_tokens + result.tokens, window_flops + result.flops
             if self.step % cfg.logging.log_interval == 0 or self.step == self.n_steps:
-                tps = window_tokens / max(time.perf_counter() - window_start, 1e-9)
-                last = self._log_step(result, lr, tps, fpt, peak)
-                window_tokens, window_start = 0, time.perf_counter()
+                elapsed = max(time.perf_counter() - window_start, 1e-9)
+                tps = window_tokens / elapsed
+                # MFU: the model FLOPs that ran (train/flops.py), per GPU, over the device's peak.
+                mfu = window_flops / elapsed / self.info.world_size / peak if peak > 0 else None
+                last = self._log_step(result, lr, tps, mfu)
+                window_tokens, window_flops, window_start = 0, 0.0, time.perf_counter()
                 bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
             bar.update(1)
             if self.val_loader is not None and cfg.eval.interval and self.step % cfg.eval.interval == 0:
@@ -362,11 +362,11 @@ class Trainer:
             "steps_run": self.step - start_step,
         }
 
-    def _log_step(self, result: StepResult, lr: float, tps: float, fpt: float, peak: float) -> dict:
+    def _log_step(self, result: StepResult, lr: float, tps: float, mfu: float | None) -> dict:
         record = {
             "step": self.step, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
             "tokens": result.tokens, "label_tokens": result.label_tokens, "consumed_samples": self.consumed,
-            "tokens_per_s": tps, "mfu": (tps * fpt / self.info.world_size / peak) if peak > 0 else None,
+            "tokens_per_s": tps, "mfu": mfu,
             "peak_mem_gb": peak_memory_gb(self.info.device), "skipped": result.skipped, **self.skips.metrics(),
         }  # fmt: skip
         self.logger.log(record)
