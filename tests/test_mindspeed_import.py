@@ -135,8 +135,7 @@ def import_files(tmp_path, *files, out="imported.yaml") -> tuple[dict, str]:
 def test_fixture_imports_to_the_expected_config(tmp_path, entry):
     cfg, text = import_files(tmp_path, FIXTURES / entry)
     assert cfg == EXPECTED[entry]
-    if "lora" not in cfg:  # the lora: section loads once issue 15 lands
-        load(str(tmp_path / "imported.yaml"), check_paths=False)
+    load(str(tmp_path / "imported.yaml"), check_paths=False)
     assert "# Launch: " in text
 
 
@@ -354,10 +353,7 @@ def tiny(tmp_path_factory):
     return {"dense": dense, "moe": str(root / "moe"), "data": str(root / "data")}
 
 
-LORA_PENDING = pytest.mark.xfail(strict=True, reason="needs the lora: section (issue 15)")
-
-
-@pytest.mark.parametrize("entry", [SH8, SH30, Y8, Y30, pytest.param(LORA, marks=LORA_PENDING)])
+@pytest.mark.parametrize("entry", [SH8, SH30, Y8, Y30, LORA])
 def test_imported_config_trains_two_steps(tmp_path, tiny, entry):
     cfg, _ = import_files(tmp_path, FIXTURES / entry)
     model = tiny["moe" if "30B" in entry else "dense"]

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+from vlmtune.errors import CheckpointError
 from vlmtune.options import cli_number
 
 from .convert import hf_to_native, native_to_hf
+from .dcp import resolve
 from .export import export_checkpoint
+from .lora import export_adapter, export_merged, lora_section
 
 
 def register(subparsers) -> None:
@@ -20,6 +23,12 @@ def register(subparsers) -> None:
     )
     p.add_argument("checkpoint", help="checkpoint step directory, or a run's output_dir (uses its latest)")
     p.add_argument("--out", required=True, help="output directory for the Hugging Face checkpoint")
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="LoRA runs: write the base model with the adapters merged (default: the PEFT adapter alone)",
+    )
+    p.add_argument("--base", metavar="DIR", help="LoRA --merge: the base HF checkpoint (default: the run's)")
     p.set_defaults(func=run_export)
 
 
@@ -76,6 +85,17 @@ def run_native_to_hf(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    path = resolve(args.checkpoint)
+    if lora_section(path) is not None:
+        if args.merge:
+            print(
+                f"wrote Hugging Face checkpoint with merged adapters to {export_merged(path, args.out, args.base)}"
+            )
+        else:
+            print(f"wrote PEFT adapter to {export_adapter(path, args.out)}")
+        return 0
+    if args.merge or args.base:
+        raise CheckpointError(f"{path}: --merge / --base apply to LoRA runs; this run trained the full model")
     out = export_checkpoint(args.checkpoint, args.out)
     print(f"wrote Hugging Face checkpoint to {out}")
     return 0

@@ -28,6 +28,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -195,9 +196,11 @@ def save(
     keep_last: int,
     dp_rank: int | None = None,
     dp_size: int | None = None,
+    trainable_only: bool = False,
 ) -> str:
     """`dp_rank`/`dp_size` (default: rank / world size) say which data shard this rank reads, so a resume
-    under another parallel layout with the same data parallelism restores the exact data position."""
+    under another parallel layout with the same data parallelism restores the exact data position.
+    `trainable_only` (LoRA) leaves the frozen weights out: they are the HF checkpoint's."""
     root = os.path.join(output_dir, CHECKPOINTS)
     name = step_name(step)
     tmp, final = os.path.join(root, f".tmp_{name}"), os.path.join(root, name)
@@ -206,7 +209,7 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     barrier()
-    state = {"model": get_model_state_dict(model)}
+    state = {"model": get_model_state_dict(model, options=_options(trainable_only))}
     if not no_save_optim:
         state["optim"] = get_optimizer_state_dict(model, optimizer)
     dcp.save(state, checkpoint_id=tmp)
@@ -235,6 +238,10 @@ def save(
         publish(tmp, root, name, keep_last)
     barrier()
     return final
+
+
+def _options(trainable_only: bool) -> StateDictOptions:
+    return StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
 
 
 def publish(tmp: str, root: str, name: str, keep_last: int | None = None) -> str:
@@ -272,6 +279,7 @@ def load(
     no_load_rng: bool,
     dp_rank: int | None = None,
     dp_size: int | None = None,
+    trainable_only: bool = False,
 ) -> dict:
     """Restore model (and optimizer, loader, RNG unless told not to); returns meta.json's contents.
 
@@ -291,11 +299,11 @@ def load(
                 if isinstance(e, CheckpointError):
                     raise
                 raise CheckpointError(f"{path}: damaged data-loader state ({e})") from None
-    state = {"model": get_model_state_dict(model)}
+    state = {"model": get_model_state_dict(model, options=_options(trainable_only))}
     if not no_load_optim:
         state["optim"] = get_optimizer_state_dict(model, optimizer)
     dcp_load(state, path)
-    set_model_state_dict(model, state["model"])
+    set_model_state_dict(model, state["model"], options=_options(trainable_only))
     if not no_load_optim:
         set_optimizer_state_dict(model, optimizer, state["optim"])
     if not same_dp:

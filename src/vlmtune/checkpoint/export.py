@@ -17,6 +17,7 @@ from vlmtune.parallel.collectives import barrier
 from .convert import native_to_hf
 from .dcp import assets_dir, dcp_load, read_dcp_metadata, resolve
 from .hf import save_pretrained
+from .lora import load_merged, lora_section
 
 
 def export_model(model: Qwen3VL, out_dir: str, *, source_dir: str) -> None:
@@ -35,8 +36,11 @@ def export_model(model: Qwen3VL, out_dir: str, *, source_dir: str) -> None:
 
 def load_model_from_checkpoint(path: str) -> Qwen3VL:
     """The full model of a training checkpoint (step dir, or a run dir / checkpoints dir with `latest`),
-    on the CPU in its master dtype; `model.source_dir` points at the tokenizer/processor files saved with it."""
+    on the CPU in its master dtype; `model.source_dir` points at the tokenizer/processor files saved with it.
+    A LoRA run's checkpoint is its base model with the adapters merged in (checkpoint/lora.py)."""
     path = resolve(os.fspath(path))
+    if lora_section(path) is not None:
+        return load_merged(path)
     assets = assets_dir(path)
     args = load_config(assets)
     model = build_model(args, dtype=_saved_dtype(path), device="cpu")

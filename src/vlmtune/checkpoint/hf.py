@@ -26,6 +26,8 @@ from vlmtune.models.qwen3_vl.state_dict_adapter import (
     to_hf_items,
 )
 
+from .peft import load_adapter
+
 log = logging.getLogger(__name__)
 
 # Tokenizer, chat template and processor files that travel with a checkpoint.
@@ -128,8 +130,9 @@ def _config_dtype(args: ModelArgs) -> torch.dtype:
     return dtype
 
 
-def load_pretrained(path, dtype: torch.dtype | str | None = None, device=None) -> Qwen3VL:
-    """Build on the meta device, allocate once on `device`, stream tensors in one by one."""
+def load_pretrained(path, dtype: torch.dtype | str | None = None, device=None, adapter=None) -> Qwen3VL:
+    """Build on the meta device, allocate once on `device`, stream tensors in one by one; `adapter`: a PEFT
+    LoRA adapter directory put on the model (checkpoint/peft.py)."""
     path = os.fspath(path)
     args = load_config(path)
     if isinstance(dtype, str):
@@ -137,6 +140,8 @@ def load_pretrained(path, dtype: torch.dtype | str | None = None, device=None) -
     model = build_model(args, dtype=dtype or _config_dtype(args), device=device or "cpu")
     load_weights(model, path)
     model.source_dir = path
+    if adapter:
+        load_adapter(model, adapter)
     return model
 
 

@@ -105,6 +105,7 @@ def register(subparsers) -> None:
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="PATH", help=HELP_MODEL)
     p.add_argument("--processor", metavar="DIR", help=HELP_PROCESSOR)
+    p.add_argument("--adapter", metavar="DIR", help="a PEFT LoRA adapter to put on the model (docs/lora.md)")
     p.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)"
     )
@@ -114,7 +115,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args):
-    model = load_model(args.model, dtype=args.dtype, device=pick_device(args.device))
+    model = load_model(args.model, dtype=args.dtype, device=pick_device(args.device), adapter=args.adapter)
     processor = build_processor(args.processor or processor_dir(model, args.model))
     return model, processor
 

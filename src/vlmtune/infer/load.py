@@ -9,6 +9,7 @@ import os
 import torch
 
 from vlmtune.checkpoint import load_model_from_checkpoint, load_pretrained
+from vlmtune.checkpoint.peft import load_adapter
 from vlmtune.errors import CheckpointError, ConfigError
 
 
@@ -50,12 +51,13 @@ def is_hf_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "config.json"))
 
 
-def load_model(path, *, dtype=None, device=None):
+def load_model(path, *, dtype=None, device=None, adapter=None):
     """The native model in eval mode, from an HF checkpoint directory (`config.json` + safetensors) or from a
     training checkpoint written by `vlmtune train` (a step directory, or a run / checkpoints directory whose
     `latest` pointer names one).
 
-    `dtype` None keeps the checkpoint's dtype; `device` None is the CPU.
+    `dtype` None keeps the checkpoint's dtype; `device` None is the CPU. `adapter`: a PEFT LoRA adapter
+    directory put on the model (`vlmtune chat/eval --adapter`).
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
@@ -65,12 +67,14 @@ def load_model(path, *, dtype=None, device=None):
         )
     dtype = _dtype(dtype)
     if is_hf_dir(path):
-        model = load_pretrained(path, dtype=dtype, device=device)
+        model = load_pretrained(path, dtype=dtype, device=device, adapter=adapter)
     else:
         try:
             model = load_model_from_checkpoint(path)
         except CheckpointError as e:
             raise CheckpointError(f"{e}; nor is it a Hugging Face checkpoint (no config.json)") from e
+        if adapter:
+            load_adapter(model, adapter)
         if dtype is not None or device is not None:
             model.to(device=device, dtype=dtype)
     return model.eval()

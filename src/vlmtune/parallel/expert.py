@@ -23,13 +23,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from vlmtune.errors import ParallelError
-from vlmtune.models.qwen3_vl.moe import (
-    Experts,
-    count_per_expert,
-    grouped_mm_supported,
-    sparse_blocks,
-    swiglu_by_expert,
-)
+from vlmtune.models.qwen3_vl.moe import Experts, count_per_expert, grouped_mm_supported, sparse_blocks
 
 from .collectives import all_to_all_counts, all_to_all_rows
 
@@ -71,7 +65,7 @@ def _ep_forward(self: Experts, x: torch.Tensor, index: torch.Tensor, weights: to
     if grouped is None:
         grouped = grouped_mm_supported(x, gate_up, down)
     per_expert = recv_counts.view(ep, local_e).sum(0)
-    y_sorted = swiglu_by_expert(received[perm], gate_up, down, per_expert, grouped=grouped)
+    y_sorted = self.swiglu(received[perm], gate_up, down, per_expert, grouped=grouped)
     y = torch.empty_like(y_sorted).index_copy(0, perm, y_sorted)
     back = all_to_all_rows(y, send_splits, recv_splits, group)
     back = back * weights.reshape(-1)[order, None]
@@ -89,8 +83,7 @@ def apply_expert_parallel(model: nn.Module, ep_mesh) -> None:
     validate_expert_parallel(blocks[0].num_experts, ep)
     for moe in blocks:
         ex = moe.experts
-        for name in ("gate_up_proj", "down_proj"):
-            p = getattr(ex, name)
+        for name, p in list(ex.named_parameters(recurse=False)):  # every parameter is per expert (LoRA too)
             ex.register_parameter(
                 name,
                 nn.Parameter(distribute_tensor(p.data, ep_mesh, [Shard(0)]), requires_grad=p.requires_grad),

@@ -101,9 +101,11 @@ def apply_fsdp(
     reduce_dtype: torch.dtype,
     expert_mesh=None,
     expert_divide_factor: float | None = None,
+    ignored_params: set | None = None,
 ):
     """Shard every block of `model`, the units of `_own_units`, then `root` (the module whose forward
     computes the loss), which keeps what is left (patch embedding, position table, final norm).
+    `ignored_params` stay whole on every rank, outside FSDP (QLoRA's NF4 weights on one data-parallel rank).
 
     `reshard_after_forward` (free the gathered weights after forward, gather again in backward) is True for
     every unit except the last block, the lm_head and the root, which backward needs first (PyTorch's own
@@ -112,21 +114,22 @@ def apply_fsdp(
     tokens of the whole ep group, so they are divided by the full data-parallel size
     (`expert_divide_factor`) instead of the size of `expert_mesh`, which keeps them equal to one process's."""
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    kw = {"mp_policy": mp, "ignored_params": ignored_params}
     all_blocks = blocks(model)
     for i, block in enumerate(all_blocks):
         reshard = i < len(all_blocks) - 1
         experts = getattr(getattr(block, "mlp", None), "experts", None)
         if expert_mesh is not None and experts is not None:
-            fully_shard(experts, mesh=expert_mesh, mp_policy=mp, reshard_after_forward=reshard)
+            fully_shard(experts, mesh=expert_mesh, reshard_after_forward=reshard, **kw)
             if expert_divide_factor is not None:
                 experts.set_gradient_divide_factor(expert_divide_factor)
-        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard, **kw)
     for module, reshard in _own_units(model, root):
-        fully_shard(module, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+        fully_shard(module, mesh=mesh, reshard_after_forward=reshard, **kw)
         if module is model.lm_head:
             module.fsdp_call = types.MethodType(_fsdp_call, module)
             register_fsdp_forward_method(module, "fsdp_call")
-    fully_shard(root, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+    fully_shard(root, mesh=mesh, reshard_after_forward=False, **kw)
 
 
 def apply_compile(model: Qwen3VL, *, backend: str = "inductor") -> None:
@@ -155,6 +158,7 @@ def parallelize(
     mixed_precision: str,
     activation_checkpointing: str,
     compile: bool = False,
+    ignored_params: set | None = None,
 ) -> None:
     """Expert parallelism -> activation checkpointing -> `torch.compile` per block (`compile`; inductor on
     CUDA, the eager backend elsewhere: a check that every block traces, no speed-up) -> FSDP over the
@@ -176,4 +180,5 @@ def parallelize(
         reduce_dtype=reduce,
         expert_mesh=info.expert_fsdp_mesh if ep else None,
         expert_divide_factor=float(info.dp_size) if ep else None,
+        ignored_params=ignored_params,
     )

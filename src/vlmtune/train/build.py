@@ -13,6 +13,7 @@ from torch.distributed.tensor.experimental import implicit_replication
 
 from vlmtune.checkpoint.hf import load_weights
 from vlmtune.models.qwen3_vl import Qwen3VL, build_model, load_config, materialize
+from vlmtune.models.qwen3_vl.lora import is_adapter
 from vlmtune.models.qwen3_vl.moe import sparse_blocks
 from vlmtune.parallel.fsdp import parallelize
 from vlmtune.parallel.pipeline import PipelineStageModule, build_pipeline
@@ -20,12 +21,18 @@ from vlmtune.parallel.pipeline_rank import TiedEmbedding
 from vlmtune.parallel.tensor import apply_tensor_parallel
 
 
-def _allocate_and_load(root: nn.Module, model: Qwen3VL, path: str, device, partial: bool = False) -> None:
+def _allocate_and_load(
+    root: nn.Module, model: Qwen3VL, path: str, device, partial: bool = False, lora=None
+) -> None:
     materialize(root, device)
+    # LoRA adapters are not in the HF checkpoint: `lora.after_load` initialises them.
+    names = None if lora is None else {n for n, _ in model.named_parameters() if not is_adapter(n)}
     # A full checkpoint tensor copied into a sharded parameter keeps only this rank's slice (no comms).
     with implicit_replication():
-        load_weights(model, path, partial=partial)
+        load_weights(model, path, names, partial=partial)
     model.source_dir = path
+    if lora is not None:
+        lora.after_load(model)
 
 
 def build_sharded_model(
@@ -38,22 +45,26 @@ def build_sharded_model(
     activation_checkpointing: str = "none",
     compile: bool = False,
     prepare: Callable[[Qwen3VL], object] | None = None,
+    lora=None,
 ):
-    """Meta build -> `prepare(model)` (freezing) -> tensor parallelism -> `root_factory(model)` (the module
-    whose forward the trainer calls, the FSDP root) -> EP, checkpointing, FSDP -> allocation and loading.
-    `info` is the DistInfo of `parallel.mesh.init_distributed`. Returns (root, model)."""
+    """Meta build -> `prepare(model)` (freezing) -> tensor parallelism -> `lora.apply` (train/lora.py) ->
+    `root_factory(model)` (the module whose forward the trainer calls, the FSDP root) -> EP, checkpointing,
+    FSDP -> allocation and loading. `info` is the DistInfo of `parallel.mesh.init_distributed`. Returns
+    (root, model)."""
     model = build_model(load_config(path), dtype=dtype)
     if prepare is not None:
         prepare(model)
     if info.parallel.tp > 1:
         # Training never gathers logits: the chunked loss is vocab-parallel (see parallel/loss.py).
         apply_tensor_parallel(model, info.mesh["tp"], gather_logits=False)
+    if lora is not None:
+        lora.apply(model)
     root = root_factory(model)
     parallelize(
         root, model, info, dtype=dtype, mixed_precision=mixed_precision,
         activation_checkpointing=activation_checkpointing, compile=compile,
     )  # fmt: skip
-    _allocate_and_load(root, model, path, info.device)
+    _allocate_and_load(root, model, path, info.device, lora=lora)
     return root, model
 
 
@@ -69,6 +80,7 @@ def build_sharded_pipeline(
     compile: bool = False,
     prepare: Callable[[Qwen3VL], object] | None = None,
     chunk_size: int = 4096,
+    lora=None,
 ):
     """This rank's pipeline stage(s) for training: meta build -> `prepare` (freezing) -> tensor parallelism
     (of the whole model, before the stage prunes it) -> prune to the stage -> EP, checkpointing, FSDP over the
@@ -84,6 +96,8 @@ def build_sharded_pipeline(
             prepare(model)
         if p.tp > 1:
             apply_tensor_parallel(model, info.mesh["tp"], gather_logits=False)
+        if lora is not None:
+            lora.apply(model)
         return model
 
     def wrap(stage: PipelineStageModule) -> nn.Module:
@@ -93,7 +107,7 @@ def build_sharded_pipeline(
             stage, stage.model, stage_info, dtype=dtype, mixed_precision=mixed_precision,
             activation_checkpointing=activation_checkpointing, compile=compile,
         )  # fmt: skip
-        _allocate_and_load(stage, stage.model, path, info.device, partial=True)
+        _allocate_and_load(stage, stage.model, path, info.device, partial=True, lora=lora)
         stage.dummy_vision, stage.chunk_size = True, chunk_size
         return stage
 

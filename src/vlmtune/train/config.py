@@ -23,6 +23,8 @@ from vlmtune.options import option as _f
 from vlmtune.parallel.fsdp import AC_MODES
 from vlmtune.parallel.layout import ParallelConfig
 
+from .lora import LoraConfig, validate_lora
+
 log = logging.getLogger(__name__)
 
 
@@ -140,6 +142,7 @@ SECTIONS = {
     "logging": LoggingConfig,
     "eval": EvalConfig,
     "parallel": ParallelConfig,
+    "lora": LoraConfig,
 }
 
 
@@ -156,6 +159,7 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def to_dict(self) -> dict:
         out = {"output_dir": self.output_dir}
@@ -260,6 +264,7 @@ def validate(cfg: TrainConfig, *, check_paths: bool = True) -> None:
             raise ConfigError(f"parallel.{key}: expected a list of non-negative integers")
     if t.mixed_precision == "bf16" and cfg.model.dtype == "bfloat16":
         raise ConfigError("model.dtype: keep float32 master weights with train.mixed_precision=bf16")
+    validate_lora(cfg, check_paths=check_paths)
 
 
 # ----------------------------------------------------------------------------------------------------

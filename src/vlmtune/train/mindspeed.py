@@ -39,7 +39,7 @@ from vlmtune.train.mindspeed_parse import Setting, Sources, read_sources
 DEFAULT_CUTOFF_LEN = 1024  # MindSpeed-MM's basic_parameters.cutoff_len default
 DEFAULT_VIDEO_MAXLEN = 128  # MindSpeed-MM's video_maxlen default
 # vlmtune keys that arrive with pending issues: written, but left out of today's validation.
-PENDING = {"parallel.cp": "issue 14 (context parallelism)", "lora": "issue 15 (LoRA)"}
+PENDING = {"parallel.cp": "issue 14 (context parallelism)"}
 SECTION_ORDER = ("output_dir", "model", "freeze", "optim", "data", "train", "loss", "checkpoint", "logging",
                  "eval", "parallel", "lora")  # fmt: skip
 
@@ -382,7 +382,6 @@ class _Importer:
 def _validate(cfg: dict, report: Report) -> None:
     """The written config must load: validate everything but the keys of pending issues."""
     raw = copy.deepcopy(cfg)
-    raw.pop("lora", None)
     raw.get("parallel", {}).pop("cp", None)
     # TensorBoard is on by default; whether it is installed here says nothing about the imported values.
     raw.setdefault("logging", {}).setdefault("tensorboard", False)

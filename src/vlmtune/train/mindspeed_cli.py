@@ -12,7 +12,7 @@ import yaml
 from vlmtune.data.config import DataConfig
 from vlmtune.errors import ConfigError
 from vlmtune.train.config import SECTIONS
-from vlmtune.train.mindspeed import PENDING, SECTION_ORDER, Mapped, Report, import_mindspeed
+from vlmtune.train.mindspeed import SECTION_ORDER, Mapped, Report, import_mindspeed
 
 DESCRIPTION = """\
 Turn MindSpeed-MM Qwen3-VL fine-tuning configs into one vlmtune training config.
@@ -30,7 +30,7 @@ Otherwise give them as further FILEs. The script is not run: only its own variab
 The written YAML has each value's MindSpeed-MM source key as a comment. The report lists every key:
 mapped (source -> vlmtune key), ignored (with the reason: Ascend kernels, Megatron internals, ...) and
 unsupported (with what to do). It ends with a count of each. The config is validated before it is written.
-Keys of pending features (parallel.cp, the lora: section) are written but not validated yet.
+Keys of pending features (parallel.cp) are written but not validated yet.
 
 Batch sizes become token budgets: train.micro_batch_tokens = micro_batch_size x seq_length, and
 global_batch_size becomes train.global_batch_samples (docs/migrating-from-mindspeed.md explains why).
@@ -132,7 +132,7 @@ SECTION_NOTES = {
         "# (the same largest micro-batch). global_batch_size stays samples per optimizer step, so train_iters",
         "# steps see as many samples as before; the accumulation follows from the packed micro-batches.",
     ),
-    "lora": (f"# The lora: section needs {PENDING['lora']}; until then `vlmtune train` refuses it.",),
+    "lora": ("# LoRA adapters on frozen base weights: see docs/lora.md.",),
 }
 
 

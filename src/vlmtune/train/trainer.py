@@ -22,6 +22,7 @@ from tqdm import tqdm
 from vlmtune.checkpoint import dcp as checkpoint
 from vlmtune.checkpoint.convert import native_to_hf
 from vlmtune.checkpoint.export import export_model
+from vlmtune.checkpoint.lora import export_adapter
 from vlmtune.data import build_loader, build_processor, load_samples
 from vlmtune.errors import ConfigError, DataError, before_process_group, ranks_agree
 from vlmtune.models.qwen3_vl import ModelArgs, load_config
@@ -34,8 +35,10 @@ from .build import build_sharded_model, build_sharded_pipeline
 from .config import TrainConfig
 from .flops import Trainable
 from .freeze import apply_freeze
+from .lora import LoraSetup, analytic_trainable, check_lora_model
 from .metrics import MetricsLogger, micro_batch_flops, peak_memory_gb, peak_tflops, plot
 from .optim import Schedule, build_optimizer
+from .qlora import build_quantized_model
 from .skips import RunSkips
 from .step import DataParallelStep, PipelineStep, StepResult, TrainModule, finish_step
 
@@ -73,8 +76,11 @@ def aux_coef(cfg: TrainConfig, args: ModelArgs) -> float:
 
 def check_config(cfg: TrainConfig, args: ModelArgs, world: int) -> ParallelConfig:
     """Everything the config alone decides, before any process group, data or weights: the layout against
-    the world size and the model (heads, layers, experts, the pipeline split and schedule)."""
-    return resolve(cfg.parallel, world, args)
+    the world size and the model (heads, layers, experts, the pipeline split and schedule), and what the
+    `lora:` section selects in this model."""
+    layout = resolve(cfg.parallel, world, args)
+    check_lora_model(cfg, args)
+    return layout
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -174,12 +180,20 @@ class Trainer:
     def build_model(self) -> None:
         """The sharded model, its step strategy, the optimizer and the lr schedule."""
         cfg, info = self.cfg, self.info
+        dtype = getattr(torch, cfg.model.dtype)
+        self.lora = None
+        if cfg.lora.rank:
+            compute = torch.bfloat16 if cfg.train.mixed_precision == "bf16" else dtype
+            self.lora = LoraSetup(
+                cfg, self.args, seed=cfg.train.seed, master_dtype=dtype, compute_dtype=compute
+            )
         build = dict(
-            dtype=getattr(torch, cfg.model.dtype),
+            dtype=dtype,
             mixed_precision=cfg.train.mixed_precision,
             activation_checkpointing=cfg.model.activation_checkpointing,
             compile=cfg.model.compile,
             prepare=lambda m: apply_freeze(m, cfg.freeze),
+            lora=self.lora,
         )
         if info.parallel.pp > 1:
             pipe, stages, tied = build_sharded_pipeline(
@@ -194,7 +208,8 @@ class Trainer:
             )  # fmt: skip
         else:
             coef = aux_coef(cfg, self.args)
-            self.root, self.model = build_sharded_model(
+            builder = build_quantized_model if cfg.lora.base_quant == "nf4" else build_sharded_model
+            self.root, self.model = builder(
                 cfg.model.init_from_hf, lambda m: TrainModule(m, cfg.loss.chunk_size, coef), info, **build
             )
             self.strategy = DataParallelStep(
@@ -218,6 +233,7 @@ class Trainer:
         meta = checkpoint.load(
             path, model=self.model, optimizer=self.optimizer, loader=self.loader, no_load_optim=c.no_load_optim,
             no_load_rng=c.no_load_rng, dp_rank=self.info.dp_rank, dp_size=self.info.dp_size,
+            trainable_only=self.lora is not None,
         )  # fmt: skip
         # As in Megatron: the step count, schedule and data position continue; the flags only skip state.
         self.step, self.consumed = meta["step"], meta.get("consumed_samples", 0)
@@ -269,6 +285,7 @@ class Trainer:
             self.cfg.output_dir, self.step, model=self.model, optimizer=self.optimizer, loader=self.loader,
             meta=meta, source_dir=self.cfg.model.init_from_hf, no_save_optim=c.no_save_optim,
             no_save_rng=c.no_save_rng, keep_last=c.keep_last, dp_rank=self.info.dp_rank, dp_size=self.info.dp_size,
+            trainable_only=self.lora is not None,
         )  # fmt: skip
         self.skips.write()  # a resumed run continues from what was found up to here
 
@@ -292,6 +309,12 @@ class Trainer:
             len(self.model.language_model.layers),
             f" and {len(self.model.visual.blocks)} vision block(s)" if self.model.visual is not None else "",
         )  # fmt: skip
+        if self.lora is not None:
+            log.info(
+                "LoRA rank %d on %d module(s): %s trainable parameters by the model's dimensions",
+                self.lora.spec.rank, len(self.lora.linears) + len(self.lora.experts),
+                f"{analytic_trainable(self.args, self.lora):,}",
+            )  # fmt: skip
 
     def loop(self) -> dict:
         cfg, c = self.cfg, self.cfg.checkpoint
@@ -358,7 +381,14 @@ class Trainer:
             and not (cfg.eval.interval and self.step % cfg.eval.interval == 0)
         ):
             summary["val_loss"] = self.validate()
-        if done and cfg.checkpoint.save_hf:
+        if done and cfg.checkpoint.save_hf and self.lora is not None:
+            # Adapters only, in PEFT format, from the checkpoint just saved (`vlmtune export` does the same).
+            if self.main:
+                summary["adapter"] = export_adapter(
+                    checkpoint.latest(cfg.output_dir), os.path.join(cfg.output_dir, "adapter")
+                )
+            barrier()
+        elif done and cfg.checkpoint.save_hf:
             hf_dir = os.path.join(cfg.output_dir, "hf")
             if self.info.parallel.pp > 1:  # no rank holds the whole model: stream the checkpoint just saved
                 if self.main:

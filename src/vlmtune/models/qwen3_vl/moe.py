@@ -83,6 +83,7 @@ def expert_mlp(
     weights: torch.Tensor,
     *,
     grouped: bool,
+    swiglu=swiglu_by_expert,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`sum_j weights[n, j] * SwiGLU_{index[n, j]}(x[n])` for `x [N, H]`; returns (out [N, H], counts [E]).
 
@@ -93,7 +94,7 @@ def expert_mlp(
     flat = index.reshape(-1)
     order = torch.argsort(flat, stable=True)  # stable: each expert's rows stay in token order
     counts = count_per_expert(flat, gate_up.shape[0])
-    y = swiglu_by_expert(x[order // k], gate_up, down, counts, grouped=grouped)
+    y = swiglu(x[order // k], gate_up, down, counts, grouped=grouped)
     y = y * weights.reshape(-1)[order, None]
     # Back to (token, slot) order, then sum the k slots of each token.
     y = torch.zeros_like(y).index_copy(0, order, y)
@@ -119,7 +120,13 @@ class Experts(nn.Module):
         grouped = self.use_grouped_mm
         if grouped is None:
             grouped = grouped_mm_supported(x, self.gate_up_proj, self.down_proj)
-        return expert_mlp(x, self.gate_up_proj, self.down_proj, index, weights, grouped=grouped)
+        return expert_mlp(
+            x, self.gate_up_proj, self.down_proj, index, weights, grouped=grouped, swiglu=self.swiglu
+        )
+
+    def swiglu(self, rows, gate_up, down, counts, *, grouped):
+        """SwiGLU of rows grouped by expert; LoRA (lora.py's `LoRAExperts`) adds its per-expert adapters here."""
+        return swiglu_by_expert(rows, gate_up, down, counts, grouped=grouped)
 
 
 class SparseMoE(nn.Module):
