@@ -178,6 +178,19 @@ def format_estimate(e, precision: dict) -> list[str]:
     return lines
 
 
+def _lora_lines(lora: dict | None, precision: dict) -> list[str]:
+    if lora is None:
+        return []
+    base = f"frozen base in {precision['compute']}" + (
+        ", decoder Linears NF4" if lora["base_quant"] == "nf4" else ""
+    )
+    saved = f", {', '.join(lora['modules_to_save'])} trained whole" if lora["modules_to_save"] else ""
+    return [
+        f"lora      rank {lora['rank']} on {lora['adapted_modules']} modules{saved}; {base}; "
+        f"{lora['trainable_parameters'] / 1e6:.1f}M trainable parameters in {precision['master']}"
+    ]
+
+
 def format_plan(plan) -> str:
     m, h = plan.model, plan.hardware
     peak = f"{h['peak_tflops']:g} TFLOP/s dense bf16" if h["peak_tflops"] else "peak unknown"
@@ -186,6 +199,7 @@ def format_plan(plan) -> str:
         f"model     {m['type']}: {m['parameters'] / 1e9:.2f}B parameters, "
         f"{m['active_decoder_parameters'] / 1e9:.2f}B active decoder parameters per token; "
         f"{m['decoder_layers']} decoder layers, {m['vision_blocks']} vision blocks",
+        *_lora_lines(m["lora"], plan.precision),
         f"hardware  {h['nodes']} x {h['gpus_per_node']} {h['gpu']} ({h['memory_gib']:g} GiB, {peak})",
         f"data      {plan.workload}",
         "",
