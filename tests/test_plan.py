@@ -39,12 +39,21 @@ from model_inputs import as_packed_batch, build_sample, packed_row
 # ------------------------------------------------------------------------------- measuring real memory
 
 
+def plain_tensors(t):
+    """The plain tensors holding `t`: a DTensor's local shard, a tensor subclass's inner tensors (QLoRA's
+    NF4Tensor: codes, scales, ...), else `t`."""
+    t = t.to_local() if hasattr(t, "to_local") else t
+    if type(t) in (torch.Tensor, torch.nn.Parameter) or not hasattr(t, "__tensor_flatten__"):
+        return [t]
+    names, _ = t.__tensor_flatten__()
+    return [inner for name in names for inner in plain_tensors(getattr(t, name))]
+
+
 def storage_bytes(tensors) -> int:
     """Bytes of the distinct storages behind `tensors` (DTensors by their local shard)."""
     seen = {}
-    for t in tensors:
-        t = t.to_local() if hasattr(t, "to_local") else t
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    for inner in (inner for t in tensors for inner in plain_tensors(t)):
+        seen[inner.untyped_storage().data_ptr()] = inner.untyped_storage().nbytes()
     return sum(seen.values())
 
 
@@ -61,7 +70,7 @@ def allocated_states(model, optimizer) -> dict:
 
 def measure_saved(root, model, batch) -> int:
     """Bytes autograd keeps for backward after the forward of `batch` (parameters excluded)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    params = {t.untyped_storage().data_ptr() for p in model.parameters() for t in plain_tensors(p)}
     refs = []
 
     def pack(t):
@@ -72,7 +81,7 @@ def measure_saved(root, model, batch) -> int:
     weights = token_weights(batch, counts, step_normalizers([counts]), "token_mean")
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = root(batch, weights)
-    alive = [t for t in (r() for r in refs) if t is not None]  # freed ones kept no memory
+    alive = [t for r in refs if r() is not None for t in plain_tensors(r())]  # freed ones kept no memory
     total = storage_bytes(t for t in alive if t.untyped_storage().data_ptr() not in params)
     del loss
     return total
