@@ -49,20 +49,24 @@ def lora_config(**lora) -> TrainConfig:
 
 
 @pytest.fixture(scope="module")
-def small_ckpt(tmp_path_factory):
+def ckpts(tmp_path_factory):
+    """Tiny dense and MoE checkpoints with a 1024-token vocabulary."""
     from test_train_utils import small_vocab_model
 
-    d = str(tmp_path_factory.mktemp("plan_lora"))
-    save_pretrained(small_vocab_model(torch.float32), d)
-    return d
+    out = {}
+    for kind, moe in (("dense", None), ("moe", MOE)):
+        out[kind] = str(tmp_path_factory.mktemp(f"plan_lora_{kind}"))
+        save_pretrained(small_vocab_model(torch.float32, moe=moe), out[kind])
+    return out
 
 
-STATE_RUNS = {  # the lora: section of each run, and the layout it runs on
-    "fsdp1-fp32": ({"vision_projector": True, "modules_to_save": ["merger"]}, {}, "fp32"),
-    "fsdp2-bf16": ({"vision_encoder": True}, {"dp_shard": 2}, "bf16"),
-    "tp2": ({"vision_encoder": True, "vision_projector": True}, {"tp": 2}, "fp32"),
-    "qlora1": ({"base_quant": "nf4"}, {}, "bf16"),
-    "qlora2": ({"base_quant": "nf4", "modules_to_save": ["lm_head"]}, {"dp_shard": 2}, "bf16"),
+STATE_RUNS = {  # the checkpoint, the lora: section of the run, the layout it runs on, mixed precision
+    "fsdp1-fp32": ("dense", {"vision_projector": True, "modules_to_save": ["merger"]}, {}, "fp32"),
+    "fsdp2-bf16": ("dense", {"vision_encoder": True}, {"dp_shard": 2}, "bf16"),
+    "tp2": ("dense", {"vision_encoder": True, "vision_projector": True}, {"tp": 2}, "fp32"),
+    "moe-ep2": ("moe", {"targets": ["all-linear", "router"]}, {"dp_shard": 2, "ep": 2}, "bf16"),
+    "qlora1": ("dense", {"base_quant": "nf4"}, {}, "bf16"),
+    "qlora2": ("dense", {"base_quant": "nf4", "modules_to_save": ["lm_head"]}, {"dp_shard": 2}, "bf16"),
 }
 
 
@@ -100,13 +104,13 @@ def predicted_lora_states(ckpt, lora, layout, precision) -> dict:
 
 
 @pytest.mark.parametrize("run", list(STATE_RUNS))
-def test_lora_state_bytes_are_exact(small_ckpt, run):
-    lora, parallel, mixed_precision = STATE_RUNS[run]
+def test_lora_state_bytes_are_exact(ckpts, run):
+    kind, lora, parallel, mixed_precision = STATE_RUNS[run]
     world = parallel.get("dp_shard", 1) * parallel.get("tp", 1)
-    measured = run_ranks(_lora_worker, world, small_ckpt, lora, parallel, mixed_precision)
+    measured = run_ranks(_lora_worker, world, ckpts[kind], lora, parallel, mixed_precision)
     precision = Precision(FP32, BF16 if mixed_precision == "bf16" else FP32, FP32)
-    layout = Layout(dp_shard=parallel.get("dp_shard", 1), tp=parallel.get("tp", 1))
-    predicted = predicted_lora_states(small_ckpt, lora, layout, precision)
+    layout = Layout(**parallel)
+    predicted = predicted_lora_states(ckpts[kind], lora, layout, precision)
     assert all(m == predicted for m in measured), (measured, predicted)
 
 
