@@ -11,15 +11,17 @@ back-propagates (the trainer makes the embeddings require grad). Two attention k
 - "flash" (CUDA, bf16/fp16): FlashAttention varlen keeps q, k, v, the output and the fp32 log-sum-exp, no
   mask; LayerNorm statistics in fp32.
 What is kept follows where gradients flow: the decoder always back-propagates; in the vision tower an op keeps
-its tensors only from the first trainable weight or adapter on (`_vision_block` walks that). A Linear keeps
-its input when its weight trains or a LoRA adapter reads it; an adapter also keeps its rank-r projection,
-and with dropout its own dropped copy of the input and the dropout's noise (`_linear_in`).
+its tensors only from the first trainable weight or adapter on (flops.py's `vision_flow`, the walk the FLOP
+count uses too). A Linear keeps its input when its weight trains or a LoRA adapter reads it; an adapter also
+keeps its rank-r projection, and with dropout its own dropped copy of the input and the dropout's noise
+(`_linear_in`); a LoRA run's placed `LoraSpec` says which modules have adapters or train whole.
 Activation checkpointing keeps, for a checkpointed block, its positional tensor inputs only (the hidden
 states, cos/sin, and in the vision tower the segment offsets and the boolean mask). `attention_recompute`
 (Megatron's selective recompute) keeps the core attention's inputs but not its statistics or converted mask.
-Tested against a `saved_tensors_hooks` count on the CPU (tests/test_plan.py). Besides what is saved, the
-model lists what stays alive until backward without being saved (`alive`: the decoder's boolean mask held by
-checkpointed layers) and a backward working-set estimate (`transient`), which the tests do not measure.
+Tested byte for byte against a `saved_tensors_hooks` count on the CPU (tests/test_plan.py, test_plan_lora.py).
+Besides what is saved, the model lists what stays alive until backward without being saved (`alive`: the
+decoder's boolean mask held by checkpointed layers) and a backward working-set estimate (`transient`), which
+the tests do not measure.
 """
 
 from __future__ import annotations
