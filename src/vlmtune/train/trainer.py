@@ -25,6 +25,7 @@ from vlmtune.data import build_loader, build_processor, load_samples
 from vlmtune.errors import ConfigError, DataError
 from vlmtune.models.qwen3_vl import ModelArgs, load_config
 from vlmtune.parallel.collectives import all_reduce_host, barrier
+from vlmtune.parallel.context import context_parallel
 from vlmtune.parallel.layout import ParallelConfig, resolve
 from vlmtune.parallel.mesh import DistInfo, close_distributed, init_distributed, world_size
 
@@ -129,7 +130,7 @@ class Trainer:
         train_samples, val_samples, report = load_samples(cfg.data, seed=cfg.train.seed)
         if not train_samples:
             raise DataError(f"data.dataset {cfg.data.dataset}: no training samples (skipped: {report.total})")
-        # Ranks that differ only in tensor (or pipeline) parallelism read the same data shard.
+        # Ranks that differ only in tensor, context (or pipeline) parallelism read the same data shard.
         kw = dict(
             dp_rank=info.dp_rank, dp_size=info.dp_size, seed=cfg.train.seed,
             max_tokens=cfg.train.micro_batch_tokens,
@@ -181,12 +182,13 @@ class Trainer:
                 aux_coef=aux_coef(cfg, self.args),
             )  # fmt: skip
         else:
-            coef = aux_coef(cfg, self.args)
+            coef, context = aux_coef(cfg, self.args), context_parallel(info, self.args)
             self.root, self.model = build_sharded_model(
-                cfg.model.init_from_hf, lambda m: TrainModule(m, cfg.loss.chunk_size, coef), info, **build
-            )
+                cfg.model.init_from_hf, lambda m: TrainModule(m, cfg.loss.chunk_size, coef, context), info,
+                **build,
+            )  # fmt: skip
             self.strategy = DataParallelStep(
-                self.root, info.device, info.dp_size, info.dp_group, cfg.loss.type
+                self.root, info.device, info.dp_size, info.dp_group, cfg.loss.type, context
             )
         self.root.train()
         self.optimizer = build_optimizer(self.model, cfg)
@@ -258,8 +260,8 @@ class Trainer:
             self.info.world_size, f"{n_trainable:,}", f"{n_params:,}",
         )  # fmt: skip
         log.info(
-            "layout: pp %d x dp_replicate %d x dp_shard %d x tp %d (ep %d); this rank's stage holds %d decoder "
-            "layer(s)%s", lp.pp, lp.dp_replicate, lp.dp_shard, lp.tp, lp.ep,
+            "layout: pp %d x dp_replicate %d x dp_shard %d x cp %d x tp %d (ep %d); this rank's stage holds %d "
+            "decoder layer(s)%s", lp.pp, lp.dp_replicate, lp.dp_shard, lp.cp, lp.tp, lp.ep,
             len(self.model.language_model.layers), " and the vision tower" if self.model.visual is not None else "",
         )  # fmt: skip
 
