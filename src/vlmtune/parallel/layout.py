@@ -6,7 +6,7 @@ dp_shard ranks split into (dp_shard / ep, ep); experts are sharded over `ep` and
 every other parameter is FSDP-sharded over all of dp_shard (HSDP when dp_replicate > 1). Context parallel
 ranks share one row (same data) but hold different tokens, so FSDP also shards over them (`dp_shard_cp`).
 
-Mesh dimension names: "pp", "dp_replicate", "dp_shard_mod_ep", "ep", "cp", "tp", plus the flattened
+Mesh dimension names: "pp", "dp_replicate", "dp_shard_mod_ep", "cp", "ep", "tp", plus the flattened
 "dp_shard" (dp_shard_mod_ep x ep), "dp" (every data shard: the loader and the loss normalisers), "dp_cp"
 (dp x cp: every rank holding part of a step's loss), "dp_shard_cp" (FSDP of non-expert weights) and
 "dp_shard_mod_ep_cp" (FSDP of experts).
@@ -117,8 +117,10 @@ class LayoutMesh:
 
 def build_mesh(cfg: ParallelConfig, device_type: str) -> LayoutMesh:
     """The DeviceMesh of a resolved config (see the module docstring for the dimension names)."""
-    names = ("pp", "dp_replicate", "dp_shard_mod_ep", "ep", "cp", "tp")
-    shape = (cfg.pp, cfg.dp_replicate, cfg.dp_shard // cfg.ep, cfg.ep, cfg.cp, cfg.tp)
+    # cp sits between dp_shard_mod_ep and ep so that the FSDP meshes (dp_shard_mod_ep x cp [x ep]) are
+    # contiguous dimensions ahead of ep and tp: DTensor flattens a 2-D (FSDP, ep or tp) mesh only then.
+    names = ("pp", "dp_replicate", "dp_shard_mod_ep", "cp", "ep", "tp")
+    shape = (cfg.pp, cfg.dp_replicate, cfg.dp_shard // cfg.ep, cfg.cp, cfg.ep, cfg.tp)
     root = init_device_mesh(device_type, shape, mesh_dim_names=names)
     flat = {
         "dp_shard": root["dp_shard_mod_ep", "ep"]._flatten("dp_shard"),
@@ -141,7 +143,7 @@ def build_mesh(cfg: ParallelConfig, device_type: str) -> LayoutMesh:
 def _context_meshes(root) -> dict:
     """The flattened meshes that include cp (the same ranks as their cp-free names when cp is 1)."""
     return {
-        "dp_cp": root["dp_replicate", "dp_shard_mod_ep", "ep", "cp"]._flatten("dp_cp"),
-        "dp_shard_cp": root["dp_shard_mod_ep", "ep", "cp"]._flatten("dp_shard_cp"),
+        "dp_cp": root["dp_replicate", "dp_shard_mod_ep", "cp", "ep"]._flatten("dp_cp"),
+        "dp_shard_cp": root["dp_shard_mod_ep", "cp", "ep"]._flatten("dp_shard_cp"),
         "dp_shard_mod_ep_cp": root["dp_shard_mod_ep", "cp"]._flatten("dp_shard_mod_ep_cp"),
     }

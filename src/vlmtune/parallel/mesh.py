@@ -19,7 +19,7 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
-    mesh: object  # LayoutMesh: pp, dp_replicate, dp_shard_mod_ep, ep, cp, tp + flattened (layout.py)
+    mesh: object  # LayoutMesh: pp, dp_replicate, dp_shard_mod_ep, cp, ep, tp + flattened (layout.py)
     parallel: ParallelConfig  # resolved sizes
 
     @property
