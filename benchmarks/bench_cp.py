@@ -1,24 +1,26 @@
 """Context parallelism: per-rank activation memory of one long packed row at cp = 1, 2, 4, and how evenly
 the split shares the work.
 
-    python benchmarks/bench_cp.py [--tokens 16384] [--cp 1,2,4] [--smoke]
+    python benchmarks/bench_cp.py [--tokens 8192] [--cp 1,2,4] [--smoke]
 
-The row: one long video (half the tokens, 16 x 16-patch frame-pairs) packed with image + text samples;
-labels on the last 16 tokens of every sample. Each cp size runs one forward + backward of the trainer's
+The row: one long video (a quarter of the tokens in 8 x 8-patch frame-pairs: 97 of them at 8k tokens)
+packed with image + text samples; labels on the last 16 tokens of every sample. On the CPU the length is
+bounded by the SDPA path's masks (`[L, L]` per decoder layer, and the vision tower's over all of a rank's
+patches, kept as float by SDPA), not by what is measured: 8k tokens need about 2 GiB per process. Each cp size runs one forward + backward of the trainer's
 data-parallel step in `cp` processes (gloo on the CPU, NCCL on GPUs) and reports, per rank:
 
 - **saved**: bytes of the tensors autograd keeps for backward (each storage once; parameters, including
   FSDP's gathered copies, left out). This is the activation memory, measured, not estimated. The CPU
-  path's `[L, L]` boolean mask (one per row, shared by every layer; FlashAttention varlen on CUDA builds
-  none) is reported apart, as `mask`;
-- **flops**: forward + backward FLOPs counted by `torch.utils.flop_counter` (attention counted dense);
+  path's attention masks (`[1, 1, n, n]`: the row's and the vision tower's; FlashAttention varlen on CUDA
+  builds none) are reported apart, as `masks`;
 - on CUDA, **peak**: `max_memory_allocated` during the step minus what was allocated before it.
 
 The balance table is arithmetic on the same row's split (`parallel/context_split.py`), for cp = 2, 4, 8:
-the busiest rank's excess over the mean, for tokens, label tokens (lm_head work), vision patches, and the
+the busiest rank's excess over the mean, for label tokens (lm_head work), vision patches, the model FLOPs
+of a step (`train/flops.py`) at Qwen3-VL-8B widths (36 layers, the real vision tower) with Ulysses'
+attention (every rank: heads/cp heads over the whole row, so `1/cp` of it), and, for comparison, the
 causal attention work a rank would own if it attended with its own queries (ring attention) under a
-contiguous and a zig-zag split. Ulysses attends over the whole row for heads/cp heads on every rank, so
-its attention imbalance is 0 whatever the split.
+contiguous and a zig-zag split.
 
 `gpu.py` calls `gpu_section` (64k tokens, every cp size the visible GPUs allow).
 """
@@ -44,16 +46,18 @@ SMOKE_SIZE = dict(text_hidden=64, text_layers=2, heads=4, kv_heads=2, head_dim=1
 LABELS_PER_SAMPLE = 16
 
 
-def long_row(tokens: int, side: int = 16):
-    """A PackedBatch of about `tokens` tokens: a video of `side x side`-patch frame-pairs filling half of it,
-    then samples of text around one image, then text."""
+def long_row(tokens: int, side: int = 8, video_share: float = 0.25):
+    """A PackedBatch of about `tokens` tokens: a video of `side x side`-patch frame-pairs filling
+    `video_share` of it, then samples of text around one image, then text."""
     from model_inputs import as_packed_batch, build_sample, packed_row
 
     pair = 3 + 2 + side * side // 4  # timestamp, start / end, pads
-    samples = [build_sample([32, ("video", max(1, (tokens // 2) // pair), side, side), 32], 0)]
+    pairs = max(1, int(tokens * video_share) // pair)
+    samples = [build_sample([32, ("video", pairs, side, side), 32], 0)]
     used, seed = samples[0]["input_ids"].shape[1], 1
     image = [200, ("image", side, side), 200]
-    while tokens - used > 466:
+    per_image = 400 + 2 + side * side // 4
+    while tokens - used > per_image:
         samples.append(build_sample(image, seed))
         used, seed = used + samples[-1]["input_ids"].shape[1], seed + 1
     if tokens - used > LABELS_PER_SAMPLE:
@@ -76,8 +80,6 @@ def _rank_main(rank: int, cp: int, port: int, ckpt: str, tokens: int, cuda: bool
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(cp),
                       LOCAL_RANK=str(rank))  # fmt: skip
     torch.set_num_threads(1)
-    from torch.utils.flop_counter import FlopCounterMode
-
     from vlmtune.models.qwen3_vl import load_config
     from vlmtune.parallel.context import context_parallel
     from vlmtune.parallel.layout import ParallelConfig
@@ -97,7 +99,9 @@ def _rank_main(rank: int, cp: int, port: int, ckpt: str, tokens: int, cuda: bool
 
     def pack(t: torch.Tensor):
         if not _is_param(t):
-            mask = t.dtype == torch.bool and t.dim() == 4 and t.shape[-1] == t.shape[-2] >= batch.num_tokens
+            mask = (
+                t.dim() == 4 and t.shape[:2] == (1, 1) and t.shape[2] == t.shape[3]
+            )  # SDPA keeps it as float
             saved[t.untyped_storage().data_ptr()] = (t.untyped_storage().nbytes(), mask)
         return t
 
@@ -105,13 +109,12 @@ def _rank_main(rank: int, cp: int, port: int, ckpt: str, tokens: int, cuda: bool
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated() if cuda else 0
-    with FlopCounterMode(display=False) as flops, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         strategy.forward_backward([batch])
     result = {
         "rank": rank, "tokens": batch.num_tokens,
         "saved_mib": sum(n for n, m in saved.values() if not m) / 2**20,
-        "mask_mib": sum(n for n, m in saved.values() if m) / 2**20,
-        "gflops": flops.get_total_flops() / 1e9,
+        "masks_mib": sum(n for n, m in saved.values() if m) / 2**20,
         "peak_mib": (torch.cuda.max_memory_allocated() - before) / 2**20 if cuda else None,
     }  # fmt: skip
     with open(os.path.join(out_dir, f"{rank}.json"), "w") as f:
@@ -142,10 +145,28 @@ def _owned_attention(lengths: list[int], owned: list[list[range]]) -> list[int]:
     return [sum(p - starts[p] + 1 for r in ranges for p in r if p < pos) for ranges in owned]
 
 
+def _rank_flops(args, batch, cp: int, rank: int, owner: list[int], units, weights) -> float:
+    """Model FLOPs of one cp rank's step under Ulysses: its tokens and labels, its vision units, 1/cp of the
+    row's attention."""
+    from vlmtune.parallel.context_split import padded_length, shard_row
+    from vlmtune.train.flops import model_flops
+
+    lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).tolist()
+    labels = int(shard_row(batch, weights, cp=cp, rank=rank, args=args)[1].sum())
+    grids = [u.grid for u, o in zip(units, owner) if o == rank]
+    mine = model_flops(args, [padded_length(batch.num_tokens, cp) // cp], grids, label_tokens=labels)
+    return mine.total - mine.decoder_attention + model_flops(args, lengths).decoder_attention / cp
+
+
 def balance(batch, args, cps=(2, 4, 8)) -> dict:
-    """Busiest rank over the mean, minus 1, for each kind of work (see the module docstring)."""
+    """Busiest rank over the mean, minus 1, for each kind of work (see the module docstring); `args`: the
+    model the row is cut for."""
+    import gpu_checks
+
+    from vlmtune.models.qwen3_vl import args_from_hf_dict
     from vlmtune.parallel.context_split import assign_units, padded_length, shard_row, vision_units
 
+    big = args_from_hf_dict(gpu_checks.model_config("8b", layers=36))
     lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).tolist()
     grids = [g for g in (batch.image_grid_thw, batch.video_grid_thw) if g is not None]
     units = vision_units(torch.cat(grids).tolist(), args.vision.spatial_merge_size)
@@ -163,11 +184,11 @@ def balance(batch, args, cps=(2, 4, 8)) -> dict:
         work = {
             "label_tokens": [int(shard_row(batch, weights, cp=cp, rank=r, args=args)[1].sum()) for r in range(cp)],
             "vision_patches": [sum(u.patches for u, o in zip(units, owner) if o == r) for r in range(cp)],
+            "step_flops_8b_ulysses": [_rank_flops(big, batch, cp, r, owner, units, weights) for r in range(cp)],
             "ring_attention_contiguous": _owned_attention(lengths, contiguous),
             "ring_attention_zigzag": _owned_attention(lengths, zigzag),
         }  # fmt: skip
         out[cp] = {k: max(v) / (sum(v) / cp) - 1 for k, v in work.items()}
-        out[cp]["ulysses_attention"] = 0.0  # every rank: heads/cp heads over the whole row
     return out
 
 
@@ -186,8 +207,7 @@ def run(tokens: int, cps: list[int], size: dict, cuda: bool = False) -> dict:
         cp: {
             "saved_mib_max": max(r["saved_mib"] for r in rs),
             "saved_vs_one_rank": max(r["saved_mib"] for r in rs) / base if base else None,
-            "mask_mib": rs[0]["mask_mib"],
-            "gflops_max_over_mean": max(r["gflops"] for r in rs) / (sum(r["gflops"] for r in rs) / cp) - 1,
+            "masks_mib_max": max(r["masks_mib"] for r in rs),
             "peak_mib_max": max(r["peak_mib"] for r in rs) if cuda else None,
             "ranks": rs,
         }
@@ -198,17 +218,22 @@ def run(tokens: int, cps: list[int], size: dict, cuda: bool = False) -> dict:
 
 def table(result: dict) -> str:
     lines = [
-        f"{result['tokens']} tokens, one packed row",
-        "| cp | saved MiB (busiest rank) | x one process | [L, L] mask MiB (CPU only) | FLOPs busiest / mean - 1 "
-        "| CUDA peak MiB |",
-        "|---|---|---|---|---|---|",
+        f"{result['tokens']} tokens in one packed row",
+        "| cp | saved MiB, busiest rank | x one process | masks MiB (CPU path only) | CUDA peak MiB |",
+        "|---|---|---|---|---|",
     ]
     for cp, r in result["cp"].items():
         peak = "-" if r["peak_mib_max"] is None else f"{r['peak_mib_max']:.0f}"
-        lines.append(f"| {cp} | {r['saved_mib_max']:.1f} | {r['saved_vs_one_rank']:.3f} | {r['mask_mib']:.1f} | "
-                     f"{r['gflops_max_over_mean']:.1%} | {peak} |")  # fmt: skip
+        lines.append(f"| {cp} | {r['saved_mib_max']:.1f} | {r['saved_vs_one_rank']:.3f} | {r['masks_mib_max']:.1f} | "
+                     f"{peak} |")  # fmt: skip
     kinds = list(next(iter(result["balance"].values())))
-    lines += ["", "| cp | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+    lines += [
+        "",
+        "busiest rank / mean - 1:",
+        "",
+        "| cp | " + " | ".join(kinds) + " |",
+        "|---|" + "---|" * len(kinds),
+    ]
     for cp, b in result["balance"].items():
         lines.append(f"| {cp} | " + " | ".join(f"{b[k]:.1%}" for k in kinds) + " |")
     return "\n".join(lines)
@@ -228,7 +253,7 @@ def gpu_section(dry: bool) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", type=int, default=16384, help="length of the packed row")
+    ap.add_argument("--tokens", type=int, default=8192, help="length of the packed row")
     ap.add_argument("--cp", default="1,2,4", help="comma-separated cp sizes (processes each)")
     ap.add_argument(
         "--smoke", action="store_true", help="tiny widths, 1024 tokens, cp 1,2: checks the code runs"

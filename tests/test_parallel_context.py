@@ -117,9 +117,9 @@ def test_validation_names_the_sizes_that_work():
 
 
 # ------------------------------------------------------------------------------------------ gloo
-def train_steps(rank, world, ckpt, parallel: dict, loss_type: str, steps: int = 2):
+def train_steps(rank, world, ckpt, parallel: dict, loss_type: str, build: dict | None = None, steps: int = 2):
     """`steps` AdamW steps of the trainer's data-parallel strategy on this data shard's micro-batches:
-    losses of every step, full gradients of the first."""
+    losses of every step, full gradients of the first. `build`: more `build_sharded_model` keywords."""
     from vlmtune.models.qwen3_vl import load_config
     from vlmtune.parallel.context import context_parallel
     from vlmtune.parallel.mesh import init_distributed
@@ -130,7 +130,7 @@ def train_steps(rank, world, ckpt, parallel: dict, loss_type: str, steps: int = 
     info = init_distributed("cpu", ParallelConfig(**parallel), args)
     context = context_parallel(info, args)
     aux = 0.05 if args.is_moe else 0.0
-    root, model = build_sharded_model(ckpt, lambda m: TrainModule(m, 64, aux, context), info)
+    root, model = build_sharded_model(ckpt, lambda m: TrainModule(m, 64, aux, context), info, **(build or {}))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
     strategy = DataParallelStep(root, info.device, info.dp_size, info.dp_group, loss_type, context)
     micro = micro_batches()[info.dp_rank :: info.dp_size]
@@ -169,8 +169,11 @@ def checkpoints(tmp_path_factory):
 
 @pytest.mark.slow
 def test_cp2_dense_equals_one_process(checkpoints):
+    """Also with `selective` recompute (the kernel inside the all-to-alls) and every decoder layer compiled
+    as one graph around them (`fullgraph=True`, the eager backend on the CPU)."""
     reference = run_ranks(train_steps, 1, checkpoints["dense"], {}, "token_mean")[0]
-    assert_matches(run_ranks(train_steps, 2, checkpoints["dense"], {"cp": 2}, "token_mean"), reference)
+    build = {"activation_checkpointing": "selective", "compile": True}
+    assert_matches(run_ranks(train_steps, 2, checkpoints["dense"], {"cp": 2}, "token_mean", build), reference)
 
 
 @pytest.mark.slow
