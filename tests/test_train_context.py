@@ -1,6 +1,7 @@
 """`vlmtune train` under context parallelism (torchrun, gloo): rows with a long video (5 frame-pairs) and
-packed image / text samples. Each layout logs the losses and gradient norms of the one-process run; a
-checkpoint saved under cp2 continues under cp1 with the uninterrupted losses; cp with pp is refused."""
+packed image / text samples. Each layout logs the losses, gradient norms and validation loss of the
+one-process run; a checkpoint saved under cp2 continues under cp1 with the uninterrupted losses; cp with pp
+is refused before anything runs."""
 
 from __future__ import annotations
 
@@ -69,29 +70,45 @@ def moe_ckpt(tmp_path_factory):
 
 
 def config(out, ckpt, data_dir, **sections) -> dict:
-    video = {"video_min_frames": 10, "video_max_frames": 10, "video_max_pixels": 10 * 96 * 96}
-    raw = run_config(out, ckpt, data_dir, steps=STEPS, keep_last=1, data=video, loss={"aux_loss_coef": 0.02})
+    """Validation on the held-out sample every 2 steps: the no-grad path under cp is compared too."""
+    data = {"video_min_frames": 10, "video_max_frames": 10, "video_max_pixels": 10 * 96 * 96,
+            "val_dataset": "heldout.json"}  # fmt: skip
+    raw = run_config(
+        out,
+        ckpt,
+        data_dir,
+        steps=STEPS,
+        keep_last=1,
+        data=data,
+        loss={"aux_loss_coef": 0.02},
+        eval={"interval": 2},
+    )
     for name, values in sections.items():
         raw[name] = {**raw.get(name, {}), **values}
     return raw
 
 
-def grad_norms(out) -> dict[int, float]:
-    return {r["step"]: r["grad_norm"] for r in read_metrics(str(out)) if "grad_norm" in r}
+def logged(out, key: str) -> dict[int, float]:
+    return {r["step"]: r[key] for r in read_metrics(str(out)) if key in r}
 
 
 def assert_same_run(out, reference, steps) -> None:
-    """Losses within 1e-5 and gradient norms within 1e-4 (relative) of the one-process run at `steps`."""
-    got_loss, got_norm = losses(out), grad_norms(out)
-    want_loss, want_norm = reference
-    for s in steps:
-        assert abs(got_loss[s] - want_loss[s]) <= 1e-5 * abs(want_loss[s]), (s, got_loss, want_loss)
-        assert abs(got_norm[s] - want_norm[s]) <= 1e-4 * abs(want_norm[s]), (s, got_norm, want_norm)
+    """Losses within 1e-5, gradient norms within 1e-4 (relative) of the one-process run at `steps`, and the
+    validation loss at step 2."""
+    got = {key: logged(out, key) for key in reference}
+    for key, tol, at in (("loss", 1e-5, steps), ("grad_norm", 1e-4, steps), ("val_loss", 1e-5, [2])):
+        for s in at:
+            assert abs(got[key][s] - reference[key][s]) <= tol * abs(reference[key][s]), (
+                key,
+                s,
+                got,
+                reference,
+            )
 
 
-def reference_run(out, ckpt, data_dir):
+def reference_run(out, ckpt, data_dir) -> dict:
     train(from_dict(config(out, ckpt, data_dir)))
-    return losses(out), grad_norms(out)
+    return {key: logged(out, key) for key in ("loss", "grad_norm", "val_loss")}
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +142,8 @@ def test_cp2_checkpoint_continues_under_cp1(tmp_path, dense_ckpt, dataset, dense
     resumed = tmp_path / "cp1"
     shutil.copytree(out, resumed)
     train(from_dict(config(resumed, dense_ckpt, dataset)))
-    assert losses(resumed)[3] == pytest.approx(dense_reference[0][3], rel=1e-5)
+    assert losses(resumed)[3] == pytest.approx(dense_reference["loss"][3], rel=1e-5)
+    assert logged(resumed, "val_loss")[3] == pytest.approx(dense_reference["val_loss"][3], rel=1e-5)
 
 
 @pytest.mark.slow
