@@ -41,15 +41,18 @@ def samples(dry: bool) -> list[dict]:
     return out
 
 
-def _flops_per_token(kind: str) -> float:
-    from vlmtune.models.qwen3_vl import args_from_hf_dict, build_model
-    from vlmtune.train.metrics import flops_per_token
+def _flops_per_token(kind: str, sample_lengths, grids=()) -> float:
+    """Model FLOPs per token of the measured micro-batch (train/flops.py: active experts, per-sample
+    attention, the vision tower per image), all parameters trained."""
+    from vlmtune.models.qwen3_vl import args_from_hf_dict
+    from vlmtune.train.flops import flops_per_token
 
-    return flops_per_token(build_model(args_from_hf_dict(checks.model_config(kind))))  # on meta: no memory
+    return flops_per_token(args_from_hf_dict(checks.model_config(kind)), sample_lengths, grids=grids)
 
 
-def _measure(step, ctx, tokens: int, kind: str) -> dict:
-    """Run one warm-up and the timed steps; tokens/s, MFU and peak memory."""
+def _measure(step, ctx, rows: list[dict], kind: str) -> dict:
+    """Run one warm-up and the timed steps on `rows` (the samples of one step); tokens/s, MFU and peak memory.
+    Tokens are real (unpadded) tokens on both sides; MFU counts the model FLOPs of those samples."""
     from vlmtune.train.metrics import peak_tflops
 
     device = ctx["device"]
@@ -59,10 +62,13 @@ def _measure(step, ctx, tokens: int, kind: str) -> dict:
     for _ in range(ctx["steps"]):
         step()
     checks.synchronize(device)
+    lengths = [s["input_ids"].shape[1] for s in rows]
+    grids = [g for s in rows if s.get("image_grid_thw") is not None for g in s["image_grid_thw"].tolist()]
+    tokens = sum(lengths)
     tps = tokens * ctx["steps"] / (time.perf_counter() - t)
     peak = peak_tflops(device, 0.0) * 1e12
     mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return {"tokens_per_s": tps, "mfu": tps * _flops_per_token(kind) / peak if peak else None,
+    return {"tokens_per_s": tps, "mfu": tps * _flops_per_token(kind, lengths, grids) / peak if peak else None,
             "max_memory_allocated_gib": mem, "tokens_per_step": tokens}  # fmt: skip
 
 
@@ -109,7 +115,7 @@ def run_vlmtune(kind: str, ctx) -> dict:
         loss, tokens, labels = strategy.forward_backward(micro)
         finish_step(optimizer, micro, loss, tokens, labels, 1.0, "skip", 0)
 
-    return _measure(step, ctx, micro[0].num_tokens, kind)
+    return _measure(step, ctx, rows, kind)
 
 
 def padded_batch(rows: list[dict], device) -> dict:
@@ -155,7 +161,7 @@ def run_transformers(kind: str, ctx) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    result = _measure(step, ctx, sum(s["input_ids"].shape[1] for s in rows), kind)
+    result = _measure(step, ctx, rows, kind)
     result["padded_tokens_per_step"] = int(batch["input_ids"].numel())
     result["experts_implementation"] = getattr(model.config, "_experts_implementation", None)
     return result

@@ -306,16 +306,22 @@ def test_convert_llava_cli(tmp_path, photo_paths, capsys):
     )
     assert rc == 0
     text = capsys.readouterr().out
-    assert "skipped 1 with a missing image" in text and f"data.dataset_dir: {tmp_path / 'data'}" in text
+    # the images are not under the output's folder: paths are relative to --image-dir, so none leads
+    # outside data.dataset_dir (which training refuses by default)
+    assert "skipped 1 with a missing image" in text and f"data.dataset_dir: {image_dir}" in text
+    assert "warning" not in text
     got = json.loads(out.read_text())
     assert [s["id"] for s in got] == ["1", "3"]
-    assert os.path.isfile(os.path.join(tmp_path / "data", got[0]["images"][0]))
+    assert got[0]["images"] == ["chelsea.png"] and os.path.isfile(os.path.join(image_dir, "chelsea.png"))
     assert got[0]["messages"] == [
         {"role": "user", "content": "<image>\nWhat?"},
         {"role": "assistant", "content": "Cat"},
     ]
-    train, _, report = load_samples(DataConfig(dataset=str(out), dataset_dir=str(tmp_path / "data")))
+    train, _, report = load_samples(DataConfig(dataset=str(out), dataset_dir=image_dir))
     assert len(train) == 2 and report.total == 0
+    argv = ["data", "convert-llava", "--input", str(tmp_path / "llava.json"), "--image-dir", image_dir]
+    assert cli_main([*argv, "--output", str(out), "--dataset-dir", str(tmp_path)]) == 0
+    assert "warning: 1 image path(s) lead outside" in capsys.readouterr().out
     src[2]["conversations"][0]["from"] = "bot"
     (tmp_path / "llava.json").write_text(json.dumps(src))
     rc = cli_main(

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from vlmtune.models.qwen3_vl import Qwen3VL, args_from_hf_dict
+from vlmtune.testing import tiny_config_dict
 from vlmtune.train.flops import (
     PEAK_TFLOPS,
     LoraSpec,
@@ -247,3 +248,24 @@ def test_configured_peak_overrides_the_table():
     assert peak_tflops_for("NVIDIA H100 80GB HBM3", configured=700.0) == 700.0
     assert peak_tflops_for("Some Future GPU", configured=1234.0) == 1234.0
     assert math.isclose(PEAK_TFLOPS["A100"], 312.0) and PEAK_TFLOPS["B200"] > PEAK_TFLOPS["H200"]
+
+
+def test_micro_batch_flops_reads_the_packed_row():
+    """The trainer's MFU counts a packed micro-batch by its samples' lengths, its grids and label tokens."""
+    from vlmtune.train.metrics import micro_batch_flops
+
+    from model_inputs import as_packed_batch, build_sample, packed_row
+
+    batch = as_packed_batch(
+        packed_row([build_sample([6, ("image", 4, 8), 3], 1), build_sample([4, ("video", 2, 4, 4), 2], 2)])
+    )
+    args = args_from_hf_dict(tiny_config_dict())
+    cu = batch.cu_seqlens.tolist()
+    want = model_flops(
+        args,
+        [b - a for a, b in zip(cu[:-1], cu[1:])],
+        [[1, 4, 8], [2, 4, 4]],
+        label_tokens=batch.num_label_tokens,
+        trainable=Trainable(),
+    ).total
+    assert micro_batch_flops(args, batch, Trainable()) == want > 0

@@ -35,6 +35,13 @@ def test_dp_shard_fills_the_world():
         (ParallelConfig(pp=2), 2, DENSE, r"needs parallel.llm_pp_layers, e.g. \[2, 2\]"),
         (ParallelConfig(pp=2, llm_pp_layers=[1, 2]), 2, DENSE, r"sums to 3; the model has 4"),
         (ParallelConfig(pp_schedule="gpipe"), 1, DENSE, r"'1f1b' or 'interleaved'"),
+        (ParallelConfig(pp=2, llm_pp_layers=[1, 1, 1, 1]), 2, DENSE, r"1f1b runs one stage per rank"),
+        (
+            ParallelConfig(pp=2, pp_schedule="interleaved", llm_pp_layers=[2, 2]),
+            2,
+            DENSE,
+            r"interleaved needs at least 2 stages per rank",
+        ),
     ],
 )
 def test_errors_say_what_works(cfg, world, args, message):

@@ -189,6 +189,10 @@ def test_moe_layouts_use_expert_parallelism_and_no_pipeline(tmp_path):
     layouts = candidate_layouts(ctx, pipeline_ok=False)
     assert {lay.ep for lay in layouts} == {1, 2, 4} and {lay.pp for lay in layouts} == {1}
     assert all(lay.world == 4 and 8 % lay.ep == 0 for lay in layouts)
+    with_pipelines = candidate_layouts(ctx, pipeline_ok=True)  # MoE runs under PP (and PP x EP) too
+    assert {lay.pp for lay in with_pipelines} == {1, 2, 4} and any(
+        lay.pp > 1 and lay.ep > 1 for lay in with_pipelines
+    )
     args = ctx.args
     fp32 = Precision(torch.float32, torch.float32, torch.float32)
     one = state_memory(ctx.records, Layout(dp_shard=4, ep=1), fp32, args=args)

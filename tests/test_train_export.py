@@ -83,6 +83,7 @@ def test_metrics_tensorboard_and_plot(run, tmp_path, capsys):
         assert key in train_records[0]
     train_records = [r for r in records if "loss" in r]
     assert [r["step"] for r in train_records] == [1, 2] and train_records[0]["tokens"] > 0
+    assert all(r["mfu"] > 0 for r in train_records)  # model FLOPs (train/flops.py) over the measured CPU peak
     val = [r for r in records if "val_loss" in r]
     assert [r["step"] for r in val] == [1, 2] and val[1]["val_tokens"] > 0 and val[1]["val_loss"] > 0
     assert os.listdir(os.path.join(out, "tensorboard"))

@@ -2,8 +2,8 @@
 
 Each area registers its own subcommands from its `cli` module (`register(subparsers)`); a command's parser
 sets `func` to the function that runs it. Every `VlmtuneError` (a bad config, dataset, checkpoint or layout)
-ends as one `error: <message>` line on stderr and exit status 2, on every rank; anything else is a bug and
-keeps its traceback.
+ends as one `error: <message>` line on stderr and exit status 2 on every rank (printed once when every rank
+holds it); anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 from vlmtune import demo
 from vlmtune.checkpoint import cli as checkpoint_cli
 from vlmtune.data import cli as data_cli
-from vlmtune.errors import ConfigError, VlmtuneError
+from vlmtune.errors import NODE, WORLD, ConfigError, VlmtuneError
 from vlmtune.infer import cli as infer_cli
 from vlmtune.infer import verify_cli
 from vlmtune.train import cli as train_cli
@@ -57,12 +57,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except VlmtuneError as e:
-        hint = f"\n(see `vlmtune {args.command} --help`)" if isinstance(e, ConfigError) else ""
-        print(f"error: {e}{hint}", file=sys.stderr, flush=True)
+        if not _quiet_rank(e):
+            hint = f"\n(see `vlmtune {args.command} --help`)" if isinstance(e, ConfigError) else ""
+            print(f"error: {e}{hint}", file=sys.stderr, flush=True)  # stderr escapes what it cannot encode
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _quiet_rank(error: VlmtuneError) -> bool:
+    """Under torchrun an error every rank holds is printed once: by rank 0 when the ranks agreed on it, by
+    each node's local rank 0 when every rank found it in the same files before the process group existed."""
+    scope = getattr(error, "every_rank", None)
+    if scope == WORLD:
+        return os.environ.get("RANK", "0") != "0"
+    if scope == NODE:
+        return os.environ.get("LOCAL_RANK", "0") != "0"
+    return False
 
 
 if __name__ == "__main__":

@@ -1,11 +1,14 @@
 """Typed config sections: dataclass fields carrying a default, a one-line help and optional choices, and the
 one reader that checks a mapping against them (used by every section of the training config, `data:`
-included). Validation errors are `ConfigError`s naming the dotted key."""
+included). Validation errors are `ConfigError`s naming the dotted key. `cli_number` checks numeric
+command-line arguments the same way for every command."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import field
@@ -75,3 +78,25 @@ def describe_section(name: str, cls) -> list[str]:
         extra = f" [{'|'.join(choices)}]" if choices and len(choices) > 1 else ""
         lines.append(f"  {f.name}: {json.dumps(default)}{extra}  - {f.metadata.get('help', '')}")
     return lines
+
+
+def cli_number(kind: type = int, *, low: float | None = None, above: float | None = None, high=None):
+    """argparse `type=` for a finite number of `kind` with `low <= x` (or `above < x`) and `x <= high`; a bad
+    value ends as argparse's `error: argument --name: ...` and exit status 2, like every usage error."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        for ok, rule in ((low is None or value >= low, f">= {low}"), (above is None or value > above, f"> {above}"),
+                         (high is None or value <= high, f"<= {high}")):  # fmt: skip
+            if not ok:
+                raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse

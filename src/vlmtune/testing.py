@@ -135,12 +135,20 @@ def tiny_config_dict(
         "architectures": ["Qwen3VLMoeForConditionalGeneration" if moe else "Qwen3VLForConditionalGeneration"],
         "text_config": text,
         "vision_config": vision,
-        "image_token_id": 151655,
-        "video_token_id": 151656,
-        "vision_start_token_id": 151652,
-        "vision_end_token_id": 151653,
+        **_vision_token_ids(vocab_size),
         "tie_word_embeddings": tie_word_embeddings,
     }
+
+
+def _vision_token_ids(vocab_size: int) -> dict:
+    """Qwen3's vision token ids, or — for a small test vocabulary — the last four ids of it (a config must keep
+    its special tokens inside the vocabulary)."""
+    if vocab_size > 151656:
+        return {"image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
+                "vision_end_token_id": 151653}  # fmt: skip
+    top = vocab_size - 4
+    return {"image_token_id": top, "video_token_id": top + 1, "vision_start_token_id": top + 2,
+            "vision_end_token_id": top + 3}  # fmt: skip
 
 
 def hf_config(cfg: dict):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from vlmtune.options import cli_number
+
 from .convert import hf_to_native, native_to_hf
 from .export import export_checkpoint
 
@@ -53,7 +55,10 @@ def _register_convert(subparsers) -> None:
     )
     n2h.add_argument("--out", required=True, metavar="DIR", help="output Hugging Face directory")
     n2h.add_argument(
-        "--max-shard-gb", type=float, default=5.0, help="largest safetensors shard in GiB (default 5)"
+        "--max-shard-gb",
+        type=cli_number(float, above=0),
+        default=5.0,
+        help="largest safetensors shard in GiB (default 5)",
     )
     n2h.set_defaults(func=run_native_to_hf)
 

@@ -21,15 +21,22 @@ import warnings
 
 import torch
 import torch.distributed.checkpoint as dcp
-from safetensors import safe_open
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
 from vlmtune.errors import CheckpointError
-from vlmtune.models.qwen3_vl import load_config
+from vlmtune.models.qwen3_vl import build_model, load_config
 from vlmtune.models.qwen3_vl.state_dict_adapter import hf_to_native_name, tensors_from_hf, to_hf_items
 
-from .dcp import HF_ASSETS, publish, resolve, step_name
-from .hf import checkpoint_files, copy_assets, write_hf_checkpoint
+from .dcp import HF_ASSETS, assets_dir, dcp_load, publish, read_dcp_metadata, resolve, step_name
+from .hf import (
+    check_dtype,
+    checkpoint_files,
+    converted,
+    copy_assets,
+    ensure_dir,
+    open_safetensors,
+    write_hf_checkpoint,
+)
 
 PREFIX = "model."  # the trainer saves {"model": model_state_dict, ...}: DCP keys are "model.<name>"
 
@@ -46,7 +53,7 @@ class _LazyHFPlanner(DefaultSavePlanner):
         key = write_item.index.fqn
         file, hf_name = self.sources[key]
         if self._cached is None or self._cached[0] != hf_name:
-            with safe_open(file, framework="pt", device="cpu") as f:
+            with open_safetensors(file) as f:
                 tensor = f.get_tensor(hf_name)
             self._cached = (hf_name, tensors_from_hf(hf_to_native_name(hf_name), tensor, self.args, self.ctx))
         return dict(self._cached[1])[key[len(PREFIX) :]].contiguous()
@@ -55,23 +62,9 @@ class _LazyHFPlanner(DefaultSavePlanner):
 def hf_to_native(hf_dir: str, out_dir: str) -> str:
     """Write `out_dir/checkpoints/step_00000000` (+ `latest`) holding the HF weights as a native checkpoint."""
     args = load_config(hf_dir)
-    meta_state, sources = {}, {}
-    ctx = {"checkpoint_dir": hf_dir}
-    for file in checkpoint_files(hf_dir):
-        with safe_open(file, framework="pt", device="cpu") as f:
-            for hf_name in f.keys():
-                name = hf_to_native_name(hf_name)
-                if name is None:
-                    raise CheckpointError(f"{file}: tensor '{hf_name}' is not a Qwen3-VL weight")
-                if name == "lm_head.weight" and args.tie_word_embeddings:
-                    continue
-                sl = f.get_slice(hf_name)
-                dtype = _safetensors_dtype(sl.get_dtype())
-                probe = torch.empty(sl.get_shape(), dtype=dtype, device="meta")
-                for native, value in tensors_from_hf(name, probe, args, ctx):
-                    meta_state[PREFIX + native] = torch.empty(value.shape, dtype=dtype, device="meta")
-                    sources[PREFIX + native] = (file, hf_name)
+    meta_state, sources = _plan_from_hf(hf_dir, args)
     root = os.path.join(out_dir, "checkpoints")
+    ensure_dir(root, "--out")
     tmp = os.path.join(root, f".tmp_{step_name(0)}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -89,12 +82,56 @@ def hf_to_native(hf_dir: str, out_dir: str) -> str:
     return publish(tmp, root, step_name(0))
 
 
+def _plan_from_hf(hf_dir: str, args) -> tuple[dict, dict]:
+    """Meta tensors of the native checkpoint and the (file, HF name) each comes from, checked against the
+    model the config describes (names, shapes, floating-point dtypes) before anything is written."""
+    expected = dict(build_model(args).state_dict())  # meta: shapes only
+    if args.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    meta_state, sources = {}, {}
+    ctx = {"checkpoint_dir": hf_dir}
+    for file in checkpoint_files(hf_dir):
+        with open_safetensors(file) as f:
+            for hf_name in f.keys():
+                name = hf_to_native_name(hf_name)
+                if name is None:
+                    raise CheckpointError(f"{file}: tensor '{hf_name}' is not a Qwen3-VL weight")
+                if name == "lm_head.weight" and args.tie_word_embeddings:
+                    continue
+                sl = f.get_slice(hf_name)
+                dtype = SAFETENSORS_DTYPES.get(sl.get_dtype())
+                if dtype is None:
+                    raise CheckpointError(
+                        f"{file}: '{hf_name}' is stored as {sl.get_dtype()}; use the floating-point (bf16 / fp16 "
+                        "/ fp32) weights"
+                    )
+                probe = torch.empty(sl.get_shape(), dtype=dtype, device="meta")
+                for native, value in converted(file, hf_name, name, probe, args, ctx):
+                    want = expected.get(native)
+                    if want is None:
+                        raise CheckpointError(
+                            f"{file}: tensor '{hf_name}' is not part of this model's config"
+                        )
+                    if tuple(value.shape) != tuple(want.shape):
+                        raise CheckpointError(
+                            f"{file}: '{hf_name}' has shape {tuple(sl.get_shape())}, the config implies "
+                            f"{tuple(want.shape)}"
+                        )
+                    check_dtype(file, hf_name, dtype, torch.float32, set())
+                    meta_state[PREFIX + native] = torch.empty(value.shape, dtype=dtype, device="meta")
+                    sources[PREFIX + native] = (file, hf_name)
+    missing = sorted(set(expected) - {k[len(PREFIX) :] for k in meta_state})
+    if missing:
+        raise CheckpointError(f"{hf_dir}: tensors missing from the checkpoint: {missing[:10]}")
+    return meta_state, sources
+
+
 def native_to_hf(ckpt: str, out_dir: str, *, max_shard_bytes: int = 5 * 2**30) -> str:
     """Stream a native checkpoint's model tensors into a Hugging Face directory."""
     path = resolve(os.fspath(ckpt))
-    assets = os.path.join(path, HF_ASSETS)
+    assets = assets_dir(path)
     args = load_config(assets)
-    meta = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    meta = read_dcp_metadata(path).state_dict_metadata
     names = [k[len(PREFIX) :] for k in meta if k.startswith(PREFIX) and hasattr(meta[k], "size")]
     if not names:
         raise CheckpointError(f"{path}: no model tensors in this checkpoint")
@@ -104,7 +141,7 @@ def native_to_hf(ckpt: str, out_dir: str, *, max_shard_bytes: int = 5 * 2**30) -
         out = {PREFIX + name: torch.empty(props.size, dtype=props.properties.dtype)}
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(out, checkpoint_id=path, no_dist=True)
+            dcp_load(out, path, no_dist=True)
         return out[PREFIX + name]
 
     # Byte sizes of the HF tensors in order (fused q/k/v count once, with the three parts' bytes).
@@ -127,16 +164,12 @@ def _meta_tensor(props) -> torch.Tensor:
     return torch.empty(props.size, dtype=props.properties.dtype, device="meta")
 
 
-def _safetensors_dtype(name: str) -> torch.dtype:
-    table = {
-        "F32": torch.float32,
-        "F16": torch.float16,
-        "BF16": torch.bfloat16,
-        "F64": torch.float64,
-        "I64": torch.int64,
-        "I32": torch.int32,
-        "F8_E4M3": torch.float8_e4m3fn,
-    }
-    if name not in table:
-        raise CheckpointError(f"unsupported safetensors dtype {name}")
-    return table[name]
+SAFETENSORS_DTYPES = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "F8_E4M3": torch.float8_e4m3fn,
+}

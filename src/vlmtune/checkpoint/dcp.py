@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -33,7 +34,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from vlmtune.errors import CheckpointError
+from vlmtune.errors import CheckpointError, ranks_agree
 from vlmtune.parallel.collectives import all_gather_object, barrier
 
 from .hf import copy_assets
@@ -68,25 +69,116 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def is_complete(step_dir: str) -> bool:
+    """A published step directory: its meta.json and DCP `.metadata` exist (both are written last)."""
+    return all(os.path.isfile(os.path.join(step_dir, f)) for f in ("meta.json", ".metadata"))
+
+
 def resolve(path: str) -> str:
-    """A step directory, or a run/checkpoints directory whose `latest` names one."""
+    """A complete step directory: `path` itself, or what the `latest` pointer of a run / checkpoints
+    directory names. A step that is not complete, or a pointer naming one, is a CheckpointError."""
     if os.path.exists(os.path.join(path, "meta.json")):
+        if not is_complete(path):
+            raise CheckpointError(
+                f"{path}: incomplete checkpoint (no DCP .metadata: its write was interrupted); use an "
+                f"earlier step: {_complete_steps(os.path.dirname(os.path.abspath(path)))}"
+            )
         return path
     for base in (os.path.join(path, CHECKPOINTS), path):
         pointer = os.path.join(base, LATEST)
-        if os.path.exists(pointer):
-            with open(pointer) as f:
-                return os.path.join(base, f.read().strip())
+        if os.path.isfile(pointer):
+            try:
+                with open(pointer, encoding="utf-8") as f:
+                    name = f.read().strip()
+            except (OSError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{pointer}: unreadable ({e})") from None
+            step = os.path.join(base, name)
+            if not name or os.path.basename(name) != name or not is_complete(step):
+                raise CheckpointError(
+                    f"{pointer} names {name!r}, which is not a complete checkpoint in {base} (missing, or its "
+                    f"write was interrupted); write the name of a complete step into it "
+                    f"({_complete_steps(base)}), or delete it to start from scratch"
+                )
+            return step
     raise CheckpointError(
         f"{path}: not a checkpoint (no meta.json) and no {CHECKPOINTS}/{LATEST} pointer in it"
     )
 
 
-def latest(output_dir: str) -> str | None:
+def _complete_steps(base: str) -> str:
     try:
-        return resolve(os.path.join(output_dir, CHECKPOINTS))
-    except CheckpointError:
+        steps = sorted(
+            d for d in os.listdir(base) if d.startswith("step_") and is_complete(os.path.join(base, d))
+        )
+    except OSError:
+        steps = []
+    return "complete ones: " + ", ".join(steps) if steps else "there is no complete one"
+
+
+def latest(output_dir: str) -> str | None:
+    """The step `output_dir/checkpoints/latest` names; None when there is no pointer (nothing saved yet).
+    A pointer to an incomplete step is an error, never a silent fresh start."""
+    if not os.path.isfile(os.path.join(output_dir, CHECKPOINTS, LATEST)):
         return None
+    return resolve(os.path.join(output_dir, CHECKPOINTS))
+
+
+def assets_dir(path: str) -> str:
+    """A step's `hf_assets/`: the model's config.json and tokenizer files, saved with it."""
+    assets = os.path.join(path, HF_ASSETS)
+    if not os.path.isfile(os.path.join(assets, "config.json")):
+        raise CheckpointError(
+            f"{path}: no {HF_ASSETS}/config.json (the model config saved with the checkpoint); copy the base "
+            f"model's config.json and tokenizer files into {assets}"
+        )
+    return assets
+
+
+def read_meta(path: str) -> dict:
+    """meta.json of a step directory, checked for the keys loading needs."""
+    file = os.path.join(path, "meta.json")
+    try:
+        with open(file, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(
+            f"{file}: unreadable ({e}); the checkpoint is damaged: use another step"
+        ) from None
+
+    def count(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    ok = isinstance(meta, dict) and count(meta.get("step")) and count(meta.get("world_size"))
+    ok = ok and count(meta.get("dp_size", 0))
+    ranks = meta.get("dp_rank_of_rank", []) if ok else None
+    if not ok or not isinstance(ranks, list) or not all(count(r) for r in ranks):
+        raise CheckpointError(
+            f"{file}: not a vlmtune checkpoint's meta.json (needs 'step' and 'world_size'; 'dp_size' and "
+            "'dp_rank_of_rank' when present must be counts); the checkpoint is damaged: use another step"
+        )
+    return meta
+
+
+def read_dcp_metadata(path: str):
+    """The DCP `.metadata` of a step directory (what every tensor is: name, shape, dtype)."""
+    try:
+        return dcp.FileSystemReader(path).read_metadata()
+    except Exception as e:  # missing, truncated or not a DCP file (pickle errors of many kinds)
+        raise CheckpointError(
+            f"{path}: unreadable DCP metadata ({type(e).__name__}: {e}); the checkpoint is damaged"
+        ) from None
+
+
+def dcp_load(state: dict, path: str, **kwargs) -> None:
+    """`dcp.load`, with its failures (reported on every rank) as one CheckpointError line each."""
+    try:
+        dcp.load(state, checkpoint_id=path, **kwargs)
+    except CheckpointException as e:
+        first = [f"rank {r}: {type(exc).__name__}: {exc}" for r, (exc, _) in sorted(e.failures.items())]
+        raise CheckpointError(
+            f"{path}: cannot load ({'; '.join(first)[:800]}); the checkpoint is damaged or belongs to "
+            "another model"
+        ) from None
 
 
 def save(
@@ -185,49 +277,84 @@ def load(
 
     Weights and optimizer state reshard to any layout. The data position (and RNG) come back exactly when
     the data parallelism is the same as at save time (`dp_size`; the per-rank state of a rank that read the
-    same data shard is used), otherwise the data order restarts at the saved epoch."""
-    with open(os.path.join(path, "meta.json")) as f:
-        meta = json.load(f)
-    if not no_load_optim and not meta["has_optim"]:
-        raise CheckpointError(
-            f"{path}: saved without optimizer state (checkpoint.no_save_optim); set checkpoint.no_load_optim=true"
-        )
-    if not no_load_rng and not meta["has_rng"]:
-        raise CheckpointError(
-            f"{path}: saved without RNG state (checkpoint.no_save_rng); set checkpoint.no_load_rng=true"
-        )
+    same data shard is used), otherwise the data order restarts at the saved epoch. Every rank checks the
+    files it will read (meta.json, its per-rank state, the loader position) before the first collective, and
+    the ranks agree, so a problem on one rank stops all of them."""
+    with ranks_agree():
+        meta = read_meta(path)
+        _check_flags(path, meta, no_load_optim, no_load_rng)
+        local, same_dp = _local_state(path, meta, dp_rank, dp_size)
+        if loader is not None and local.get("loader") is not None:
+            try:
+                loader.load_state_dict(local["loader"])
+            except (KeyError, TypeError, ValueError) as e:
+                if isinstance(e, CheckpointError):
+                    raise
+                raise CheckpointError(f"{path}: damaged data-loader state ({e})") from None
     state = {"model": get_model_state_dict(model)}
     if not no_load_optim:
         state["optim"] = get_optimizer_state_dict(model, optimizer)
-    dcp.load(state, checkpoint_id=path)
+    dcp_load(state, path)
     set_model_state_dict(model, state["model"])
     if not no_load_optim:
         set_optimizer_state_dict(model, optimizer, state["optim"])
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    my_dp_rank = _rank() if dp_rank is None else dp_rank
-    my_dp_size = world if dp_size is None else dp_size
-    saved_dp_size = meta.get("dp_size", meta["world_size"])
-    owners = meta.get("dp_rank_of_rank", list(range(meta["world_size"])))
-    if saved_dp_size != my_dp_size or my_dp_rank not in owners:
-        # Another data-parallel size: the loader maps the global position onto this rank (same data per
-        # step); per-rank RNG streams do not map, so they start fresh.
-        first = os.path.join(path, "rank_00000.pt")
-        state = torch.load(first, weights_only=False) if os.path.exists(first) else {}
-        if loader is not None and state.get("loader") is not None:
-            loader.load_state_dict(state["loader"])
+    if not same_dp:
         if _rank() == 0:
             log.info(
                 "%s: saved with %d data-parallel rank(s), resuming on %d: the data position continues; RNG "
                 "states are not restored",
                 path,
-                saved_dp_size,
-                my_dp_size,
+                meta.get("dp_size", meta["world_size"]),
+                dp_size or (dist.get_world_size() if dist.is_initialized() else 1),
             )
-        return meta
-    rank_file = os.path.join(path, f"rank_{owners.index(my_dp_rank):05d}.pt")
-    local = torch.load(rank_file, weights_only=False) if os.path.exists(rank_file) else {}
-    if loader is not None and local.get("loader") is not None:
-        loader.load_state_dict(local["loader"])
-    if not no_load_rng:
+    elif not no_load_rng:
         set_rng_state(local["rng"])
     return meta
+
+
+def _check_flags(path: str, meta: dict, no_load_optim: bool, no_load_rng: bool) -> None:
+    if not no_load_optim and not meta.get("has_optim"):
+        raise CheckpointError(
+            f"{path}: saved without optimizer state (checkpoint.no_save_optim); set checkpoint.no_load_optim=true"
+        )
+    if not no_load_rng and not meta.get("has_rng"):
+        raise CheckpointError(
+            f"{path}: saved without RNG state (checkpoint.no_save_rng); set checkpoint.no_load_rng=true"
+        )
+
+
+def _local_state(path: str, meta: dict, dp_rank: int | None, dp_size: int | None) -> tuple[dict, bool]:
+    """(this rank's per-rank state, whether the data parallelism is the one it was saved with). A checkpoint
+    the trainer saved has a state file per rank; a converted one (`vlmtune convert`) has none."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    my_dp_rank = _rank() if dp_rank is None else dp_rank
+    my_dp_size = world if dp_size is None else dp_size
+    saved_dp_size = meta.get("dp_size", meta["world_size"])
+    owners = meta.get("dp_rank_of_rank", list(range(meta["world_size"])))
+    same_dp = saved_dp_size == my_dp_size and my_dp_rank in owners
+    # Another data-parallel size: the loader maps the global position onto this rank (same data per step);
+    # per-rank RNG streams do not map, so they start fresh.
+    owner = owners.index(my_dp_rank) if same_dp else 0
+    file = os.path.join(path, f"rank_{owner:05d}.pt")
+    if "dp_rank_of_rank" not in meta:
+        return {}, same_dp
+    if not os.path.isfile(file):
+        raise CheckpointError(
+            f"{file}: missing (the data position and RNG state of rank {owner}); the checkpoint is incomplete: "
+            "resume from another step"
+        )
+    try:
+        local = torch.load(file, weights_only=False)
+    except Exception as e:  # truncated or not a torch file: many kinds
+        raise CheckpointError(
+            f"{file}: unreadable ({type(e).__name__}: {e}); the checkpoint is damaged"
+        ) from None
+    if (
+        not isinstance(local, dict)
+        or "loader" not in local
+        or (same_dp and meta.get("has_rng") and "rng" not in local)
+    ):
+        raise CheckpointError(
+            f"{file}: damaged per-rank state (needs 'loader' and 'rng'); resume from another step"
+        )
+    return local, same_dp

@@ -8,7 +8,6 @@ import warnings
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from vlmtune.errors import CheckpointError
@@ -16,7 +15,7 @@ from vlmtune.models.qwen3_vl import Qwen3VL, build_model, load_config
 from vlmtune.parallel.collectives import barrier
 
 from .convert import native_to_hf
-from .dcp import HF_ASSETS, resolve
+from .dcp import assets_dir, dcp_load, read_dcp_metadata, resolve
 from .hf import save_pretrained
 
 
@@ -38,19 +37,19 @@ def load_model_from_checkpoint(path: str) -> Qwen3VL:
     """The full model of a training checkpoint (step dir, or a run dir / checkpoints dir with `latest`),
     on the CPU in its master dtype; `model.source_dir` points at the tokenizer/processor files saved with it."""
     path = resolve(os.fspath(path))
-    assets = os.path.join(path, HF_ASSETS)
+    assets = assets_dir(path)
     args = load_config(assets)
     model = build_model(args, dtype=_saved_dtype(path), device="cpu")
     state = {"model": model.state_dict()}
     with warnings.catch_warnings():  # "loading in a single process" is the intent here
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, checkpoint_id=path)  # fills the model's tensors in place, from any number of shards
+        dcp_load(state, path)  # fills the model's tensors in place, from any number of shards
     model.source_dir = assets
     return model
 
 
 def _saved_dtype(path: str) -> torch.dtype:
-    meta = dcp.FileSystemReader(path).read_metadata()
+    meta = read_dcp_metadata(path)
     for key, item in meta.state_dict_metadata.items():
         if key.startswith("model.") and hasattr(item, "properties"):
             return item.properties.dtype

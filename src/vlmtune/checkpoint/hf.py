@@ -7,9 +7,11 @@ Names and the tensors whose layout differs (patch embedding, fused vision qkv, M
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from safetensors import safe_open
@@ -23,6 +25,8 @@ from vlmtune.models.qwen3_vl.state_dict_adapter import (
     tensors_from_hf,
     to_hf_items,
 )
+
+log = logging.getLogger(__name__)
 
 # Tokenizer, chat template and processor files that travel with a checkpoint.
 ASSET_FILES = (
@@ -53,12 +57,20 @@ def copy_assets(src: str, dst: str, *, with_config: bool = False) -> None:
 def checkpoint_files(path: str) -> list[str]:
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-        files = sorted(set(weight_map.values()))
-        missing = [f for f in files if not os.path.exists(os.path.join(path, f))]
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(
+                f"{index}: unreadable shard index ({type(e).__name__}: {e}); expected "
+                '{"weight_map": {tensor name: shard file}}'
+            ) from None
+        missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
         if missing:
-            raise CheckpointError(f"{index}: lists shard(s) that do not exist: {missing}")
+            raise CheckpointError(
+                f"{index}: lists shard(s) that do not exist: {missing}; the download or copy is incomplete"
+            )
         return [os.path.join(path, f) for f in files]
     single = os.path.join(path, "model.safetensors")
     if os.path.exists(single):
@@ -66,17 +78,54 @@ def checkpoint_files(path: str) -> list[str]:
     raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json found")
 
 
+@contextmanager
+def open_safetensors(file: str):
+    """`safe_open` whose failures (a damaged header, a truncated file) are CheckpointErrors naming the file."""
+    try:
+        handle = safe_open(file, framework="pt", device="cpu")
+    except Exception as e:  # SafetensorError, OSError, ...: the file cannot be read as safetensors
+        raise CheckpointError(
+            f"{file}: not a readable safetensors file ({e}); it is damaged or incomplete: copy it again"
+        ) from None
+    with handle as f:
+        yield _Checked(f, file)
+
+
+class _Checked:
+    """A safetensors handle whose reads name the file and tensor when they fail."""
+
+    def __init__(self, handle, file: str):
+        self.handle, self.file = handle, file
+
+    def keys(self):
+        return self.handle.keys()
+
+    def get_slice(self, name: str):
+        return self.handle.get_slice(name)
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        try:
+            return self.handle.get_tensor(name)
+        except Exception as e:
+            raise CheckpointError(
+                f"{self.file}: cannot read tensor '{name}' ({e}); the file is damaged"
+            ) from None
+
+
 def iter_checkpoint(path: str) -> Iterator[tuple[str, torch.Tensor]]:
     """(hf_name, tensor) for every tensor, one at a time."""
     for file in checkpoint_files(path):
-        with safe_open(file, framework="pt", device="cpu") as f:
+        with open_safetensors(file) as f:
             for key in f.keys():
                 yield key, f.get_tensor(key)
 
 
 def _config_dtype(args: ModelArgs) -> torch.dtype:
     name = args.hf_config.get("dtype") or args.hf_config.get("torch_dtype") or "float32"
-    return getattr(torch, str(name).replace("torch.", ""))
+    dtype = getattr(torch, str(name).replace("torch.", ""), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise CheckpointError(f"config.json: dtype {name!r} is not a floating-point torch dtype")
+    return dtype
 
 
 def load_pretrained(path, dtype: torch.dtype | str | None = None, device=None) -> Qwen3VL:
@@ -102,7 +151,7 @@ def load_weights(model, path: str, names: set[str] | None = None, *, partial: bo
     if args.tie_word_embeddings:
         wanted.discard("lm_head.weight")
     ctx: dict = {"checkpoint_dir": path}
-    loaded, unexpected = set(), []
+    loaded, unexpected, casts = set(), [], set()
     for hf_name, tensor in iter_checkpoint(path):
         name = hf_to_native_name(hf_name)
         if name == "lm_head.weight" and args.tie_word_embeddings:
@@ -110,7 +159,7 @@ def load_weights(model, path: str, names: set[str] | None = None, *, partial: bo
         if name is None:
             unexpected.append(hf_name)
             continue
-        for native, value in tensors_from_hf(name, tensor, args, ctx):
+        for native, value in converted(path, hf_name, name, tensor, args, ctx):
             if native not in params:
                 if not partial:
                     unexpected.append(hf_name)
@@ -122,13 +171,41 @@ def load_weights(model, path: str, names: set[str] | None = None, *, partial: bo
                 raise CheckpointError(
                     f"{path}: '{hf_name}' has shape {tuple(tensor.shape)}, the config implies {tuple(param.shape)}"
                 )
+            check_dtype(path, hf_name, value.dtype, param.dtype, casts)
             param.copy_(value.to(param.dtype))
             loaded.add(native)
+    for src, dst in sorted(casts, key=str):
+        log.info("%s: %s weights loaded as %s", path, *(str(t).replace("torch.", "") for t in (src, dst)))
     if unexpected:
         raise CheckpointError(f"{path}: tensors the model does not have: {sorted(unexpected)[:10]}")
     missing = sorted(wanted - loaded)
     if missing:
         raise CheckpointError(f"{path}: tensors missing from the checkpoint: {missing[:10]}")
+
+
+def converted(path, hf_name, name, tensor, args, ctx):
+    """The native tensors of one checkpoint tensor; a layout that does not fit is a CheckpointError."""
+    try:
+        return list(tensors_from_hf(name, tensor, args, ctx))
+    except CheckpointError:
+        raise
+    except (RuntimeError, ValueError, IndexError) as e:
+        raise CheckpointError(
+            f"{path}: '{hf_name}' with shape {tuple(tensor.shape)} does not fit the config ({e})"
+        ) from None
+
+
+def check_dtype(path: str, hf_name: str, saved: torch.dtype, wanted: torch.dtype, casts: set) -> None:
+    """Float weights load into any float dtype (said once per pair); anything else is refused."""
+    if saved == wanted:
+        return
+    if saved.is_floating_point == wanted.is_floating_point and saved.is_complex == wanted.is_complex:
+        casts.add((saved, wanted))
+        return
+    raise CheckpointError(
+        f"{path}: '{hf_name}' is stored as {saved}, but the model's weight is {wanted}; a quantized or "
+        "integer checkpoint cannot be trained or run here: use the floating-point (bf16 / fp16 / fp32) weights"
+    )
 
 
 def hf_state_items(model) -> Iterator[tuple[str, torch.Tensor]]:
@@ -156,6 +233,16 @@ def _shard_plan(sizes: list[int], max_shard_bytes: int) -> list[int]:
     return plan
 
 
+def ensure_dir(path: str, what: str) -> None:
+    """Create the output directory `path` (named `what` in the message when that is impossible)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except (OSError, ValueError) as e:  # ValueError: a NUL character in the path
+        raise CheckpointError(
+            f"{what} {path!r}: cannot create the directory ({getattr(e, 'strerror', None) or e})"
+        ) from None
+
+
 def write_hf_checkpoint(
     items, args: ModelArgs, out_dir, *, source_dir=None, max_shard_bytes: int = 5 * 2**30, sizes=None
 ) -> None:
@@ -165,7 +252,7 @@ def write_hf_checkpoint(
     tensor; without it the items are materialised first (a model already in memory).
     """
     out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
+    ensure_dir(out_dir, "output")
     if sizes is None:
         items = list(items)
         sizes = [t.numel() * t.element_size() for _, t in items]

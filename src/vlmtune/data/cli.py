@@ -8,12 +8,16 @@ import logging
 import numpy as np
 from tqdm.auto import tqdm
 
+from vlmtune.options import cli_number
+
 from .config import DataConfig
 from .convert import convert_llava
 from .loader import first_fit_decreasing
 from .processor import build_processor
 from .report import BadSample, handle_bad
 from .samples import load_samples
+
+POSITIVE = cli_number(int, low=1)
 
 
 def register(subparsers) -> None:
@@ -36,7 +40,8 @@ def register(subparsers) -> None:
     conv.add_argument(
         "--dataset-dir",
         default=None,
-        help="directory the written image paths are relative to; set data.dataset_dir to it (default: output's folder)",
+        help="directory the written image paths are relative to; set data.dataset_dir to it (default: the "
+        "output's folder when the images are inside it, else --image-dir)",
     )
     conv.set_defaults(func=run_convert)
 
@@ -51,10 +56,14 @@ def register(subparsers) -> None:
     ins.add_argument(
         "--model", required=True, help="checkpoint directory (tokenizer, chat template, preprocessor configs)"
     )
-    ins.add_argument("--max-tokens", type=int, default=8192, help="micro-batch token budget (default 8192)")
-    ins.add_argument("--cutoff-len", type=int, default=8192, help="per-sample token limit (default 8192)")
     ins.add_argument(
-        "--max-samples", type=int, default=None, help="read at most this many samples per dataset"
+        "--max-tokens", type=POSITIVE, default=8192, help="micro-batch token budget (default 8192)"
+    )
+    ins.add_argument(
+        "--cutoff-len", type=POSITIVE, default=8192, help="per-sample token limit (default 8192)"
+    )
+    ins.add_argument(
+        "--max-samples", type=POSITIVE, default=None, help="read at most this many samples per dataset"
     )
     ins.add_argument("--json", action="store_true", help="print the report as JSON")
     ins.add_argument("--plot", default=None, metavar="OUT.png", help="save a histogram of sample lengths")
@@ -68,6 +77,11 @@ def run_convert(args) -> int:
         f"to {s['output']}; skipped {s['skipped_missing_image']} with a missing image"
     )
     print(f"image paths are relative to {s['dataset_dir']}: set data.dataset_dir: {s['dataset_dir']}")
+    if s["outside_dataset_dir"]:
+        print(
+            f"warning: {s['outside_dataset_dir']} image path(s) lead outside {s['dataset_dir']}; training refuses "
+            "them unless data.restrict_media_to_dataset_dir: false (or pass a --dataset-dir that holds the images)"
+        )
     return 0
 
 
@@ -111,7 +125,16 @@ def inspect_dataset(cfg, processor, max_tokens: int) -> tuple[dict, list[int]]:
 
 
 def run_inspect(args) -> int:
-    logging.getLogger("vlmtune.data").setLevel(logging.ERROR)  # the report below lists skips by reason
+    data_log = logging.getLogger("vlmtune.data")
+    level = data_log.level
+    data_log.setLevel(logging.ERROR)  # the report lists skips by reason
+    try:
+        return _inspect(args)
+    finally:
+        data_log.setLevel(level)
+
+
+def _inspect(args) -> int:
     cfg = DataConfig(
         dataset=args.dataset,
         dataset_dir=args.dataset_dir,

@@ -46,7 +46,9 @@ class DataConfig:
     on_bad_sample: str = _f(
         "skip", "a sample that cannot be used: skip and count it, or stop", ("skip", "error")
     )
-    restrict_media_to_dataset_dir: bool = _f(False, "refuse media paths that resolve outside dataset_dir")
+    restrict_media_to_dataset_dir: bool = _f(
+        True, "refuse media paths that lead outside dataset_dir (false: a trusted dataset may name any file)"
+    )
     num_workers: int = _f(2, "DataLoader worker processes decoding media (0: in the training process)")
     prefetch_factor: int = _f(2, "micro-batches each worker prepares ahead")
 

@@ -16,11 +16,15 @@ from .samples import LLAVA_ROLES, read_records
 def convert_llava(input_path: str, image_dir: str, output_path: str, dataset_dir: str | None = None) -> dict:
     """Write `output_path` (JSON list, or JSONL if it ends in .jsonl); returns a summary dict.
 
-    Image paths are written relative to `dataset_dir` (default: the output file's directory), which is
-    what `data.dataset_dir` must be set to. Samples whose image is missing are skipped and counted; an
-    unknown role stops the conversion naming the sample.
+    Image paths are written relative to `dataset_dir`, which is what `data.dataset_dir` must be set to
+    (default: the output file's directory when the images are under it, else `image_dir`, so that no path
+    leads outside it: training refuses such paths unless `data.restrict_media_to_dataset_dir: false`).
+    Samples whose image is missing are skipped and counted; an unknown role stops the conversion naming the
+    sample.
     """
-    dataset_dir = os.path.abspath(dataset_dir or os.path.dirname(os.path.abspath(output_path)))
+    out_dir, images_root = os.path.dirname(os.path.abspath(output_path)), os.path.abspath(image_dir)
+    inside = os.path.commonpath([out_dir, images_root]) == out_dir
+    dataset_dir = os.path.abspath(dataset_dir or (out_dir if inside else images_root))
     records = read_records(input_path)
     counts: Counter = Counter()
     out = []
@@ -47,6 +51,7 @@ def convert_llava(input_path: str, image_dir: str, output_path: str, dataset_dir
                 missing = True
                 break
             paths.append(os.path.relpath(os.path.abspath(full), dataset_dir))
+            counts["outside_dataset_dir"] += paths[-1].split(os.sep)[0] == os.pardir
         if missing:
             counts["skipped_missing_image"] += 1
             continue
@@ -70,6 +75,7 @@ def convert_llava(input_path: str, image_dir: str, output_path: str, dataset_dir
         "with_images": counts["with_images"],
         "text_only": counts["text_only"],
         "skipped_missing_image": counts["skipped_missing_image"],
+        "outside_dataset_dir": counts["outside_dataset_dir"],
         "output": output_path,
         "dataset_dir": dataset_dir,
     }

@@ -1,7 +1,6 @@
 """Token-budget packing, a deterministic data-parallel sampler with exact mid-epoch resume, and the loader.
 
-Lengths come from `Processor.measure` (media headers only) and are cached under `cache_dir`, keyed by the
-samples, their media files' size/mtime and every option that changes lengths. Each epoch the samples are
+Lengths come from `lengths.measure_lengths` (media headers only, cached). Each epoch the samples are
 packed first-fit-decreasing into micro-batches of at most `max_tokens` tokens (ties broken by a seeded
 shuffle) and put in a seeded global order. That order is cut into step groups of G micro-batches (G = the
 micro-batches of one optimizer step over all data-parallel ranks); each group is spread over the ranks with
@@ -13,124 +12,22 @@ same G and continue exactly. `state_dict()` = (epoch, micro-batches consumed by 
 from __future__ import annotations
 
 import bisect
-import hashlib
-import json
 import logging
-import multiprocessing
-import os
 import random
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from vlmtune.constants import IGNORE_INDEX
-from vlmtune.errors import DataError
+from vlmtune.errors import CheckpointError, DataError, VlmtuneError
 
 from .batch import PackedBatch, pack
 from .config import DataConfig
+from .lengths import measure_lengths, reasons
 from .report import BadSample, SkipReport, handle_bad
-from .samples import sample_id, to_messages
+from .samples import sample_id
 
 log = logging.getLogger("vlmtune.data")
-
-
-# ---------------------------------------------------------------------------------------------- lengths
-
-
-def _cache_key(processor, samples: list[dict], dataset_dir: str | None) -> str:
-    h = hashlib.sha256(processor.fingerprint().encode())
-    h.update(str(os.path.abspath(dataset_dir or ".")).encode())
-    for s in samples:
-        h.update(json.dumps(s, sort_keys=True, default=str).encode())
-        try:
-            _, images, videos = to_messages(s)
-        except BadSample:
-            continue
-        for p in images + videos:
-            full = p if os.path.isabs(p) else os.path.join(dataset_dir or ".", p)
-            try:
-                st = os.stat(full)
-                h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
-            except OSError:
-                h.update(b"missing")
-    return h.hexdigest()
-
-
-_WORKER_PROCESSOR = None  # set once per measuring process (forked: not pickled per task)
-
-
-def _set_processor(processor) -> None:
-    global _WORKER_PROCESSOR
-    _WORKER_PROCESSOR = processor
-
-
-def _measure_one(args) -> int | BadSample:
-    sample, dataset_dir = args
-    try:
-        return _WORKER_PROCESSOR.measure(sample, dataset_dir)[0]
-    except BadSample as e:
-        return e
-
-
-def measure_lengths(
-    cfg: DataConfig, processor, samples: list[dict], report: SkipReport, max_tokens: int | None = None
-) -> list[int | None]:
-    """Token length per sample (None: a bad sample, logged and counted in `report`); cached under cache_dir."""
-    from tqdm.auto import tqdm
-
-    key = _cache_key(processor, samples, cfg.dataset_dir)
-    path = os.path.join(cfg.cache_dir, "length_index.json") if cfg.cache_dir else None
-    cached = None
-    if path and os.path.exists(path):
-        with open(path) as f:
-            cached = json.load(f)
-        if cached.get("key") != key:
-            log.info("length index %s is stale (data or options changed); rebuilding", path)
-            cached = None
-    if cached is not None:
-        lengths, bad = cached["lengths"], cached["bad"]
-    else:
-        lengths, bad = [], {}
-        args = ((s, cfg.dataset_dir) for s in samples)
-        _set_processor(processor)
-        parallel = cfg.num_workers > 1 and len(samples) >= 2000
-        ctx = multiprocessing.get_context("fork")
-        pool = (
-            ctx.Pool(cfg.num_workers, initializer=_set_processor, initargs=(processor,)) if parallel else None
-        )
-        results = pool.imap(_measure_one, args, chunksize=64) if pool else map(_measure_one, args)
-        try:
-            for i, res in enumerate(
-                tqdm(results, total=len(samples), desc="measuring", disable=len(samples) < 2000)
-            ):
-                if isinstance(res, BadSample):
-                    lengths.append(None)
-                    bad[str(i)] = [res.reason, res.detail, res.file, res.where]
-                else:
-                    lengths.append(res)
-        finally:
-            if pool:
-                pool.close()
-        if path:
-            os.makedirs(cfg.cache_dir, exist_ok=True)
-            tmp = f"{path}.{os.getpid()}.tmp"
-            with open(tmp, "w") as f:
-                json.dump({"key": key, "lengths": lengths, "bad": bad}, f)
-            os.replace(tmp, path)
-    out = list(lengths)
-    for i in sorted(bad, key=int):
-        reason, detail, file, where = bad[i]
-        handle_bad(BadSample(reason, detail, file, where), cfg.on_bad_sample, report)
-    if max_tokens is not None:
-        for i, n in enumerate(out):
-            if n is not None and n > max_tokens:
-                s = samples[i]
-                err = BadSample(
-                    "over_long", f"{n} tokens > max_tokens {max_tokens}", s.get("_file"), s.get("_where")
-                )
-                handle_bad(err, cfg.on_bad_sample, report)
-                out[i] = None
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- packing
@@ -231,35 +128,37 @@ def _rebalance(ranks, tokens, load, rounds: int = 64) -> None:
 
 
 class _BinDataset(Dataset):
-    """dataset[bin] -> packed micro-batch; bad samples found while decoding are dropped and reported."""
+    """dataset[bin] -> packed micro-batch. Nothing raised here crosses the worker boundary as an exception
+    (DataLoader rebuilds those from their message): bad samples are dropped and, like any other VlmtuneError,
+    travel in `batch.skipped` to the main process, which applies the policy."""
 
-    def __init__(self, processor, samples, dataset_dir, policy, fallback):
-        self.processor, self.samples, self.dataset_dir, self.policy = processor, samples, dataset_dir, policy
-        self.fallback = fallback
+    def __init__(self, processor, samples, dataset_dir):
+        self.processor, self.samples, self.dataset_dir = processor, samples, dataset_dir
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, item: list[int]) -> PackedBatch:
-        encoded, skipped = [], []
+        encoded, problems = [], []
         for i in item:
             try:
                 enc = self.processor.encode(self.samples[i], self.dataset_dir)
-            except BadSample as e:
-                if self.policy == "error":
-                    raise
-                skipped.append(e)
+            except VlmtuneError as e:
+                problems.append(e)
                 continue
             enc["sample_id"] = sample_id(self.samples[i])
             encoded.append(enc)
-        if not encoded:  # keep ranks in lockstep: a valid sample that trains nothing
-            enc = self.processor.encode(self.samples[self.fallback], self.dataset_dir)
+        if not encoded:  # keep ranks in lockstep: a text-only sample that trains nothing
+            enc = self.processor.encode(PLACEHOLDER_SAMPLE)
             enc["labels"] = torch.full_like(enc["labels"], IGNORE_INDEX)
             enc["sample_id"] = "(placeholder: every sample of this micro-batch was bad)"
             encoded.append(enc)
         batch = pack(encoded)
-        batch.skipped = skipped
+        batch.skipped = problems
         return batch
+
+
+PLACEHOLDER_SAMPLE = {"messages": [{"role": "user", "content": "."}, {"role": "assistant", "content": "."}]}
 
 
 def _identity(x):
@@ -276,11 +175,13 @@ class PackedLoader:
         self.skip_report = report
         self.valid = [i for i, n in enumerate(lengths) if n is not None]
         if not self.valid:
-            raise DataError(f"no usable samples left (skipped: {report.total}); see the skip report above")
+            raise DataError(
+                f"none of the {len(samples)} samples is usable (skipped: {reasons(report)}); e.g. "
+                f"{next(iter(report.examples.values()), '?')}"
+            )
         self.epoch, self.batch_index = 0, 0
         self._plans: dict[int, list[list[int]]] = {}
         self._all_bins: dict[int, int] = {}
-        self.fallback = min(self.valid, key=lambda i: lengths[i])
 
     def epoch_plan(self, epoch: int) -> list[list[int]]:
         """This rank's micro-batches (lists of sample indices) for an epoch, in iteration order."""
@@ -341,13 +242,13 @@ class PackedLoader:
         for key in ("seed", "max_tokens", "num_samples", "step_group"):
             mine = self.state_dict()[key]
             if state.get(key, self.dp_size if key == "step_group" else None) != mine:
-                raise ValueError(
+                raise CheckpointError(
                     f"cannot resume the data loader: checkpoint has {key}={state.get(key)}, this run has {mine}; "
                     "resume with the same data, seed, max_tokens and micro-batches per step"
                 )
         global_index = int(state.get("global_index", int(state["batch_index"]) * int(state["dp_size"])))
         if global_index % self.dp_size:
-            raise ValueError(
+            raise CheckpointError(
                 f"cannot resume the data loader on {self.dp_size} data-parallel ranks: the checkpoint is "
                 f"{global_index} micro-batches into the epoch, not a multiple of {self.dp_size}"
             )
@@ -355,9 +256,7 @@ class PackedLoader:
 
     def __iter__(self):
         plan = self.epoch_plan(self.epoch)
-        dataset = _BinDataset(
-            self.processor, self.samples, self.cfg.dataset_dir, self.cfg.on_bad_sample, self.fallback
-        )
+        dataset = _BinDataset(self.processor, self.samples, self.cfg.dataset_dir)
         workers = self.cfg.num_workers
         loader = DataLoader(
             dataset,
@@ -369,7 +268,9 @@ class PackedLoader:
         )
         for batch in loader:
             for err in batch.skipped:
-                handle_bad(err, "skip", self.skip_report)
+                if not isinstance(err, BadSample):
+                    raise err  # not a sample's fault (a broken chat template, ...): stop with its message
+                handle_bad(err, self.cfg.on_bad_sample, self.skip_report)
             batch.skipped = []
             self.batch_index += 1  # before yielding: a state_dict taken now points at the next batch
             yield batch
@@ -385,12 +286,14 @@ def build_loader(
     seed: int = 42,
     dp_rank: int = 0,
     dp_size: int = 1,
+    report: SkipReport | None = None,
 ):
     """Packed micro-batch loader for this data-parallel rank (see module docstring): micro-batches of at most
-    `max_tokens` tokens (`train.micro_batch_tokens`), order seeded by `seed` (`train.seed`)."""
+    `max_tokens` tokens (`train.micro_batch_tokens`), order seeded by `seed` (`train.seed`). Skipped samples
+    are counted in `report` (default: a new one), also those found later while decoding."""
     if not 0 <= dp_rank < dp_size:
         raise ValueError(f"dp_rank {dp_rank} outside [0, dp_size={dp_size})")
-    report = SkipReport()
+    report = SkipReport() if report is None else report
     lengths = measure_lengths(cfg, processor, samples, report, max_tokens)
     loader = PackedLoader(
         cfg,
@@ -404,7 +307,7 @@ def build_loader(
         report=report,
     )
     log.info(
-        "data: %d samples (%d skipped), %d micro-batches per epoch per rank, fill %.1f%% of %d tokens",
+        "data: %d samples (%d skipped in all), %d micro-batches per epoch per rank, fill %.1f%% of %d tokens",
         len(loader.valid),
         report.total,
         len(loader),

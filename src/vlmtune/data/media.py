@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from vlmtune.errors import CheckpointError
+
 from .report import BadSample
 
 EXIF_ORIENTATION = 0x0112
@@ -84,7 +86,9 @@ class MediaOptions:
                 raise TypeError(f"unknown media option {key!r}; valid: {sorted(names)}")
             if value is not None:
                 values[key] = value
-        return cls(**values)
+        opts = cls(**values)
+        _check_options(opts, model_dir)
+        return opts
 
 
 def _read_json(model_dir: str | None, name: str) -> dict:
@@ -93,8 +97,32 @@ def _read_json(model_dir: str | None, name: str) -> dict:
     path = os.path.join(model_dir, name)
     if not os.path.exists(path):
         return {}
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+        raise CheckpointError(f"{path}: unreadable ({e}); copy it again from the base checkpoint") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+def _check_options(opts: MediaOptions, model_dir: str | None) -> None:
+    """Sizes from the preprocessor configs are positive numbers and mean / std have three entries."""
+    where = f"{model_dir}: preprocessor_config.json / video_preprocessor_config.json"
+    for f in fields(opts):
+        value = getattr(opts, f.name)
+        if isinstance(f.default, tuple):
+            ok = isinstance(value, tuple) and len(value) == 3 and all(_number(v) for v in value)
+            ok = ok and (f.name != "image_std" or all(v > 0 for v in value))
+        else:
+            ok = _number(value) and value > 0 and (not isinstance(f.default, int) or value == int(value))
+        if not ok:
+            raise CheckpointError(f"{where}: {f.name} = {value!r} is not a valid {type(f.default).__name__}")
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # ---------------------------------------------------------------------------------------------- sizes
@@ -199,6 +227,29 @@ def image_grid(height: int, width: int, opts: MediaOptions) -> tuple[int, int, i
     return 1, h // opts.patch_size, w // opts.patch_size
 
 
+def to_8bit(img: Image.Image, path: str) -> Image.Image:
+    """16-bit and 32-bit integer images scaled from [0, 65535], float images from [0, 1], to 8-bit grey.
+
+    PIL's own `convert` clips these to [0, 255] (a 16-bit photo turns white, a float one black), and so does
+    transformers' processor. 16-bit colour PNGs already open as 8-bit RGB (PIL keeps the high byte)."""
+    if img.mode not in HIGH_DEPTH_MODES:
+        return img
+    pixels = np.asarray(img, dtype=np.float64)
+    lo, hi = (float(pixels.min()), float(pixels.max())) if pixels.size else (0.0, 0.0)
+    limit = 1.0 if img.mode == "F" else 65535.0
+    if not (np.isfinite(pixels).all() and lo >= 0 and hi <= limit):
+        raise BadSample(
+            "unsupported_image",
+            f"image {path} has {img.mode!r} pixels in [{lo:g}, {hi:g}]; vlmtune reads "
+            f"{'float images as [0, 1]' if img.mode == 'F' else 'integer images as [0, 65535]'}: convert it "
+            "to an 8-bit PNG or JPEG",
+        )
+    return Image.fromarray(np.rint(pixels * (255.0 / limit)).astype(np.uint8), mode="L")
+
+
+HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """RGB, with any transparency composited onto white (as transformers does)."""
     if "A" in img.getbands() or img.info.get("transparency") is not None:
@@ -214,9 +265,14 @@ def load_image(path: str, opts: MediaOptions) -> tuple[torch.Tensor, tuple[int, 
         _check_shape(img.size[1], img.size[0], opts, path, "image")  # before decoding: bombs stop here
         try:
             img.load()
-            img = to_rgb(ImageOps.exif_transpose(img))
+            img = ImageOps.exif_transpose(img)
         except Exception as e:  # truncated or corrupt pixel data
             raise BadSample("corrupt_image", f"cannot decode image {path}: {e}") from None
+    img = to_8bit(img, path)
+    try:
+        img = to_rgb(img)
+    except (ValueError, OSError) as e:  # a mode PIL cannot convert (e.g. LAB, multi-channel float)
+        raise BadSample("unsupported_image", f"image {path} in mode {img.mode!r}: {e}") from None
     grid = image_grid(img.size[1], img.size[0], opts)
     img = img.resize((grid[2] * opts.patch_size, grid[1] * opts.patch_size), resample=Image.BICUBIC)
     frame = normalize(np.asarray(img), opts)  # [H, W, C] float32

@@ -16,10 +16,13 @@ import json
 import os
 import re
 
+import jinja2
 import numpy as np
 import torch
 
 from vlmtune.constants import IGNORE_INDEX
+from vlmtune.errors import CheckpointError
+from vlmtune.models.qwen3_vl import load_config
 from vlmtune.models.qwen3_vl.rope import sample_positions
 
 from .config import DataConfig
@@ -58,7 +61,7 @@ class Processor:
         restrict_media_to_dataset_dir: bool = False,
     ):
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError(
+            raise CheckpointError(
                 "the tokenizer has no chat template: copy chat_template.jinja from the base checkpoint"
             )
         self.tokenizer = tokenizer
@@ -69,10 +72,9 @@ class Processor:
         self.system_prompt = system_prompt
         self.enable_thinking = enable_thinking
         self.restrict = restrict_media_to_dataset_dir
-        ids = tokenizer.convert_tokens_to_ids
-        self.image_token_id = ids("<|image_pad|>")
-        self.video_token_id = ids("<|video_pad|>")
-        self.vision_end_id = ids("<|vision_end|>")
+        self.image_token_id, self.video_token_id, self.vision_end_id = (
+            _token_id(tokenizer, t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_end|>")
+        )
 
     # ------------------------------------------------------------------------------------------ public
 
@@ -224,9 +226,12 @@ class Processor:
 
     def _render(self, conversation: list[dict], add_generation_prompt: bool) -> str:
         kwargs = {} if self.enable_thinking is None else {"enable_thinking": self.enable_thinking}
-        return self.tokenizer.apply_chat_template(
-            conversation, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
-        )
+        try:
+            return self.tokenizer.apply_chat_template(
+                conversation, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
+            )
+        except jinja2.TemplateError as e:  # the template's raise_exception(), or a broken template
+            raise BadSample("bad_structure", f"the chat template refused the conversation: {e}") from None
 
     def _label_spans(self, conversation: list[dict], text: str) -> list[tuple[int, int]]:
         """Character spans of the trained parts of `text` (answers, or answers with their prompts)."""
@@ -238,7 +243,7 @@ class Processor:
         for _ in assistant_turns:
             head = text.find(HEADER, pos)
             if head < 0:
-                raise ValueError(
+                raise CheckpointError(
                     "the chat template did not render an assistant turn as '<|im_start|>assistant\\n'"
                 )
             start = head + (
@@ -246,7 +251,7 @@ class Processor:
             )
             end = text.find(END, start)
             if end < 0:
-                raise ValueError("the chat template did not close an assistant turn with '<|im_end|>'")
+                raise CheckpointError("the chat template did not close an assistant turn with '<|im_end|>'")
             spans.append((head, start, end + len(END)))
             pos = end + len(END)
         chosen = range(len(spans) - 1, len(spans)) if self.mask_history else range(len(spans))
@@ -301,29 +306,55 @@ def build_processor(model_dir: str, data: DataConfig | None = None, **options) -
     `max_source_pixels`; None keeps the checkpoint value) and encoding options (`cutoff_len`,
     `train_on_prompt`, `mask_history`, `system_prompt`, `enable_thinking`, `restrict_media_to_dataset_dir`).
     """
-    from transformers import AutoTokenizer  # heavy: imported when a processor is built
-
     if not os.path.isdir(model_dir):
-        raise FileNotFoundError(f"model directory not found: {model_dir}")
+        raise CheckpointError(f"model directory not found: {model_dir}")
     if data is not None:
         keys = (*ENCODE_KEYS, *(f.name for f in dataclasses.fields(MediaOptions)))
         options = {k: getattr(data, k) for k in keys if hasattr(data, k)} | options
     encode_opts = {k: options.pop(k) for k in ENCODE_KEYS if k in options}
     media = MediaOptions.from_checkpoint(model_dir, **options)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     _check_token_ids(model_dir, tokenizer)
     return Processor(tokenizer, media, **encode_opts)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
+
+
+def load_tokenizer(model_dir: str):
+    """The checkpoint's own tokenizer; missing or broken files are a CheckpointError naming the directory."""
+    from transformers import AutoTokenizer  # heavy: imported when a processor is built
+
+    if not any(os.path.isfile(os.path.join(model_dir, f)) for f in TOKENIZER_FILES):
+        raise CheckpointError(
+            f"{model_dir}: no tokenizer files ({' or '.join(TOKENIZER_FILES)}); copy the tokenizer files "
+            "(tokenizer.json, tokenizer_config.json, vocab.json, merges.txt, chat_template.jinja) from the "
+            "base checkpoint"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except Exception as e:  # transformers / tokenizers raise many kinds for damaged files
+        raise CheckpointError(
+            f"{model_dir}: cannot load the tokenizer ({type(e).__name__}: {str(e)[:300]}); copy the tokenizer "
+            "files again from the base checkpoint"
+        ) from None
+
+
+def _token_id(tokenizer, token: str) -> int:
+    tid = tokenizer.convert_tokens_to_ids(token)
+    if not isinstance(tid, int) or tid == tokenizer.unk_token_id:
+        raise CheckpointError(f"the tokenizer has no {token} token: it is not a Qwen3-VL tokenizer")
+    return tid
 
 
 def _check_token_ids(model_dir: str, tokenizer) -> None:
     path = os.path.join(model_dir, "config.json")
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        cfg = json.load(f)
+    cfg = load_config(model_dir).hf_config  # a damaged config.json is a ConfigError naming its problem
     for key, token in (("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>")):
-        if key in cfg and tokenizer.convert_tokens_to_ids(token) != cfg[key]:
-            raise ValueError(
+        if key in cfg and _token_id(tokenizer, token) != cfg[key]:
+            raise CheckpointError(
                 f"{path}: {key} {cfg[key]} differs from the tokenizer's id for {token} "
                 f"({tokenizer.convert_tokens_to_ids(token)}); the tokenizer does not belong to this model"
             )

@@ -2,10 +2,13 @@
 
 Every sample is validated here for structure (roles, content, placeholders, media paths); media headers
 are checked later when lengths are measured. Samples keep `_file` / `_where` so any later error names them.
+A file is read as bytes: a line that is not UTF-8 loses that sample only (`invalid_text`), never the file.
+Media paths must stay inside `dataset_dir` unless `restrict_media_to_dataset_dir: false`.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import random
@@ -39,12 +42,33 @@ def _as_list(value, what: str) -> list[str]:
     )
 
 
+def check_text(record) -> None:
+    """Every string in `record` (keys too) must be encodable text: bytes that were not UTF-8 (read as lone
+    surrogates) or a `"\\ud800"` escape would crash the tokenizer or the log, so the sample is refused."""
+    stack = [record]
+    while stack:  # iterative: a deeply nested record must not exhaust the recursion limit
+        value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise BadSample(
+                    "invalid_text", f"text that is not valid UTF-8 at character {e.start} of {value!r:.80}"
+                ) from None
+        elif isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+
+
 def to_messages(sample: dict, require_assistant: bool = True) -> tuple[list[dict], list[str], list[str]]:
     """A sample in either format -> (messages [{role, content}], image paths, video paths), validated.
 
     Prompts for generation need no assistant turn (`require_assistant=False`)."""
     if not isinstance(sample, dict):
         raise BadSample("bad_structure", f"a sample must be a JSON object, got {type(sample).__name__}")
+    check_text(sample)
     sid = f" (id {sample['id']!r})" if "id" in sample else ""
     if "messages" in sample:
         raw, role_key, text_key, roles = sample["messages"], "role", "content", {r: r for r in MESSAGE_ROLES}
@@ -62,7 +86,7 @@ def to_messages(sample: dict, require_assistant: bool = True) -> tuple[list[dict
     for k, turn in enumerate(raw):
         if not isinstance(turn, dict) or role_key not in turn:
             raise BadSample("bad_structure", f"sample{sid} turn {k}: needs a '{role_key}' key")
-        role = roles.get(turn[role_key])
+        role = roles.get(turn[role_key]) if isinstance(turn[role_key], str) else None
         if role is None:
             raise BadSample(
                 "unknown_role",
@@ -89,16 +113,18 @@ def to_messages(sample: dict, require_assistant: bool = True) -> tuple[list[dict
 
 
 def resolve_media(path: str, dataset_dir: str | None, restrict: bool, kind: str) -> str:
-    """Absolute path of a media file relative to `dataset_dir`; checks existence and the restriction."""
+    """Path of a media file named relative to `dataset_dir` (or absolute); checks existence and, with
+    `restrict`, that it stays inside `dataset_dir` (symbolic links the user made inside it are followed)."""
+    if "\x00" in path:
+        raise BadSample("invalid_text", f"{kind} path {path!r} contains a NUL character")
     base = dataset_dir or "."
     full = path if os.path.isabs(path) else os.path.join(base, path)
-    if restrict:
-        root = os.path.realpath(base)
-        real = os.path.realpath(full)
-        if os.path.commonpath([root, real]) != root:
-            raise BadSample(
-                "media_outside_dataset_dir", f"{kind} path {path!r} resolves to {real}, outside {root}"
-            )
+    if restrict and not _inside(full, base):
+        raise BadSample(
+            "media_outside_dataset_dir",
+            f"{kind} path {path!r} leads outside dataset_dir {os.path.abspath(base)}; keep media under "
+            "data.dataset_dir, or set data.restrict_media_to_dataset_dir: false if you trust this dataset",
+        )
     if not os.path.isfile(full):
         raise BadSample(
             f"missing_{kind}", f"{kind} file not found: {full} (from {path!r}, dataset_dir {base!r})"
@@ -106,30 +132,54 @@ def resolve_media(path: str, dataset_dir: str | None, restrict: bool, kind: str)
     return full
 
 
+def _inside(full: str, base: str) -> bool:
+    """`full` lies under `base`, as written (`..` resolved, links not) or once links are resolved."""
+    for norm in (os.path.abspath, os.path.realpath):
+        root = norm(base)
+        if os.path.commonpath([root, norm(full)]) == root:
+            return True
+    return False
+
+
 def read_records(path: str) -> list[tuple[str, object]]:
-    """(where, record) pairs of a JSON list or JSONL file (detected from its first character)."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    head = text.lstrip()[:1]
-    if head == "[":
+    """(where, record) pairs of a JSON list or JSONL file (detected from its first character after an
+    optional UTF-8 byte-order mark). A JSONL line that does not parse is a `BadSample` in the list; bytes
+    that are not UTF-8 become lone surrogates, which `check_text` refuses for that sample only."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, ValueError) as e:  # ValueError: a NUL character in the path
+        raise DataError(
+            f"{path!r}: cannot read the dataset file ({getattr(e, 'strerror', None) or e})"
+        ) from None
+    text = raw.removeprefix(codecs.BOM_UTF8).decode("utf-8", errors="surrogateescape")
+    if text.lstrip()[:1] == "[":
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as e:  # a broken list cannot be partly read: stop whatever the policy
+        except (json.JSONDecodeError, RecursionError) as e:  # a broken list cannot be partly read
+            line = getattr(e, "lineno", 1)
             raise BadSample(
-                "malformed_json", f"{e.msg} at line {e.lineno} column {e.colno}", path, f"line {e.lineno}"
+                "malformed_json",
+                _json_problem(e) + "; the whole JSON list is unreadable",
+                path,
+                f"line {line}",
             ) from None
         return [(f"index {i}", rec) for i, rec in enumerate(data)]
     out = []
-    for n, line in enumerate(text.splitlines(), start=1):
+    for n, line in enumerate(text.split("\n"), start=1):  # not splitlines(): JSON strings may hold U+2028
         if not line.strip():
             continue
         try:
             out.append((f"line {n}", json.loads(line)))
-        except json.JSONDecodeError as e:
-            out.append(
-                (f"line {n}", BadSample("malformed_json", f"{e.msg} at column {e.colno}", path, f"line {n}"))
-            )
+        except (json.JSONDecodeError, RecursionError) as e:
+            out.append((f"line {n}", BadSample("malformed_json", _json_problem(e), path, f"line {n}")))
     return out
+
+
+def _json_problem(e: Exception) -> str:
+    if isinstance(e, RecursionError):
+        return "JSON nested too deeply"
+    return f"{e.msg} at column {e.colno}"
 
 
 def read_dataset(
@@ -140,6 +190,7 @@ def read_dataset(
     for where, rec in read_records(path):
         if max_samples is not None and len(samples) >= max_samples:
             break
+        report.read += 1
         try:
             if isinstance(rec, BadSample):
                 raise rec
@@ -157,6 +208,8 @@ def read_dataset(
 
 
 def locate_dataset(path: str, dataset_dir: str) -> str:
+    if os.path.isdir(path):
+        raise DataError(f"data.dataset {path!r} is a directory; name the .json / .jsonl files in it")
     if os.path.isfile(path):
         return path
     alt = os.path.join(dataset_dir, path)
@@ -175,12 +228,16 @@ def _mix(samples: list[dict], ratio: float, rng: random.Random) -> list[dict]:
     return out + rng.sample(samples, rest) if rest else out
 
 
-def load_samples(cfg: DataConfig, seed: int = 42) -> tuple[list[dict], list[dict], SkipReport]:
+def load_samples(
+    cfg: DataConfig, seed: int = 42, report: SkipReport | None = None
+) -> tuple[list[dict], list[dict], SkipReport]:
     """(train, validation, skip report) for a DataConfig; shuffling, mixing and the validation split are
-    deterministic from `seed` (the run's `train.seed`)."""
+    deterministic from `seed` (the run's `train.seed`). Skips are added to `report` when given."""
     if not cfg.dataset:
         raise ConfigError("data.dataset is empty: give one or more comma-separated .json/.jsonl files")
-    report = SkipReport()
+    if not os.path.isdir(cfg.dataset_dir or "."):
+        raise DataError(f"data.dataset_dir {cfg.dataset_dir!r} is not a directory")
+    report = SkipReport() if report is None else report
     rng = random.Random(seed)
     train: list[dict] = []
     for k, name in enumerate(cfg.dataset):

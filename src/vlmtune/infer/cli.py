@@ -10,12 +10,15 @@ import sys
 import torch
 
 from vlmtune.data import DataConfig, build_processor, load_samples
+from vlmtune.errors import ConfigError, DataError, VlmtuneError
+from vlmtune.options import cli_number
 
 from .chat import ChatSession
 from .evaluate import evaluate
-from .load import load_model, processor_dir
+from .load import load_model, pick_device, processor_dir
 from .sampling import SamplingOptions
 
+POSITIVE = cli_number(int, low=1)
 HELP_MODEL = "Hugging Face checkpoint directory, or a training checkpoint directory from `vlmtune train`"
 HELP_PROCESSOR = (
     "directory with the tokenizer and preprocessor configs (default: the model directory, or the Hugging Face "
@@ -42,17 +45,27 @@ def register(subparsers) -> None:
     chat.add_argument("--video", metavar="FILE", help="attach a video")
     chat.add_argument("--system", metavar="TEXT", help="system prompt")
     chat.add_argument(
-        "--max-new-tokens", type=int, default=512, metavar="N", help="answer length limit (512)"
-    )
-    chat.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
-    chat.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (1 = off)")
-    chat.add_argument(
-        "--top-k", type=int, default=0, metavar="K", help="sample among the K likeliest (0 = off)"
+        "--max-new-tokens", type=POSITIVE, default=512, metavar="N", help="answer length limit (512)"
     )
     chat.add_argument(
-        "--repetition-penalty", type=float, default=1.0, metavar="R", help="penalise seen tokens (1 = off)"
+        "--temperature", type=cli_number(float, low=0), default=0.0, metavar="T", help="0 = greedy (default)"
     )
-    chat.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    chat.add_argument(
+        "--top-p", type=cli_number(float, above=0, high=1), default=1.0, metavar="P",
+        help="nucleus sampling mass in (0, 1] (1 = off)",
+    )  # fmt: skip
+    chat.add_argument(
+        "--top-k",
+        type=cli_number(int, low=0),
+        default=0,
+        metavar="K",
+        help="sample among the K likeliest (0 = off)",
+    )
+    chat.add_argument(
+        "--repetition-penalty", type=cli_number(float, above=0), default=1.0, metavar="R",
+        help="penalise seen tokens (1 = off)",
+    )  # fmt: skip
+    chat.add_argument("--seed", type=cli_number(int, low=0), default=None, help="random seed for sampling")
     chat.set_defaults(func=run_chat)
 
     ev = subparsers.add_parser(
@@ -70,11 +83,15 @@ def register(subparsers) -> None:
     ev.add_argument("--dataset", required=True, help="comma-separated JSON / JSONL files")
     ev.add_argument("--dataset-dir", default=".", help="base directory for relative media paths (.)")
     ev.add_argument(
-        "--max-samples", type=int, default=None, metavar="N", help="first N samples of each dataset"
+        "--max-samples", type=POSITIVE, default=None, metavar="N", help="first N samples of each dataset"
     )
     ev.add_argument("--generate", action="store_true", help="also generate answers and score their accuracy")
-    ev.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="answer length limit (32)")
-    ev.add_argument("--batch-size", type=int, default=8, metavar="N", help="prompts generated together (8)")
+    ev.add_argument(
+        "--max-new-tokens", type=POSITIVE, default=32, metavar="N", help="answer length limit (32)"
+    )
+    ev.add_argument(
+        "--batch-size", type=POSITIVE, default=8, metavar="N", help="prompts generated together (8)"
+    )
     ev.add_argument(
         "--on-bad-sample",
         choices=["skip", "error"],
@@ -97,33 +114,24 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args):
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(args.model, dtype=args.dtype, device=device)
+    model = load_model(args.model, dtype=args.dtype, device=pick_device(args.device))
     processor = build_processor(args.processor or processor_dir(model, args.model))
     return model, processor
-
-
-def _fail(msg: str) -> int:
-    print(f"error: {msg}", file=sys.stderr)
-    return 2
 
 
 def run_chat(args) -> int:
     for path in [*args.image, *([args.video] if args.video else [])]:
         if not os.path.isfile(path):
-            return _fail(f"{path}: no such file")
-    try:
-        model, processor = _load(args)
-        session = ChatSession(
-            model,
-            processor,
-            system=args.system,
-            max_new_tokens=args.max_new_tokens,
-            sampling=SamplingOptions(args.temperature, args.top_p, args.top_k, args.repetition_penalty),
-            generator=torch.Generator().manual_seed(args.seed) if args.seed is not None else None,
-        )
-    except (OSError, ValueError, RuntimeError) as e:
-        return _fail(str(e))
+            raise ConfigError(f"{path}: no such file")
+    model, processor = _load(args)
+    session = ChatSession(
+        model,
+        processor,
+        system=args.system,
+        max_new_tokens=args.max_new_tokens,
+        sampling=SamplingOptions(args.temperature, args.top_p, args.top_k, args.repetition_penalty),
+        generator=torch.Generator().manual_seed(args.seed) if args.seed is not None else None,
+    )
     videos = [args.video] if args.video else []
     if args.prompt is not None:
         tty = sys.stdout.isatty()
@@ -171,43 +179,37 @@ def _interactive(session, images: list[str], videos: list[str]) -> int:
         sys.stdout.write("model> ")
         try:
             session.ask(line, images=images, videos=videos, on_text=_echo)
-        except (OSError, ValueError) as e:
+        except VlmtuneError as e:  # a bad image: say so and keep the conversation going
             print(f"error: {e}")
         print()
         images, videos = [], []
 
 
 def run_eval(args) -> int:
-    try:
-        cfg = DataConfig(
-            dataset=args.dataset,
-            dataset_dir=args.dataset_dir,
-            max_samples=args.max_samples,
-            shuffle=False,
-            on_bad_sample=args.on_bad_sample,
-        )
-        samples, _, skipped = load_samples(cfg)
-        model, processor = _load(args)
-    except (OSError, ValueError, RuntimeError) as e:
-        return _fail(str(e))
+    cfg = DataConfig(
+        dataset=args.dataset,
+        dataset_dir=args.dataset_dir,
+        max_samples=args.max_samples,
+        shuffle=False,
+        on_bad_sample=args.on_bad_sample,
+    )
+    samples, _, skipped = load_samples(cfg)
     if skipped.total:
         print(skipped.table(), file=sys.stderr)
     if not samples:
-        return _fail(f"{args.dataset}: no usable samples")
-    try:
-        report = evaluate(
-            model,
-            processor,
-            samples,
-            dataset_dir=args.dataset_dir,
-            generate=args.generate,
-            max_new_tokens=args.max_new_tokens,
-            batch_size=args.batch_size,
-            progress=True,
-            on_bad_sample=args.on_bad_sample,
-        )
-    except ValueError as e:  # a bad sample under --on-bad-sample error, or no usable sample at all
-        return _fail(str(e))
+        raise DataError(f"{args.dataset}: no usable samples ({skipped.total} skipped)")
+    model, processor = _load(args)
+    report = evaluate(
+        model,
+        processor,
+        samples,
+        dataset_dir=args.dataset_dir,
+        generate=args.generate,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        progress=True,
+        on_bad_sample=args.on_bad_sample,
+    )
     if report.get("skipped"):
         print(
             f"{len(report['skipped'])} sample(s) skipped at encoding, e.g. {report['skipped'][0]}",

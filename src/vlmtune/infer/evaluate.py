@@ -14,6 +14,7 @@ from vlmtune.constants import IGNORE_INDEX
 from vlmtune.data.batch import MEDIA_KEYS
 from vlmtune.data.report import BadSample
 from vlmtune.data.samples import to_messages
+from vlmtune.errors import DataError
 
 from .generate import generate as generate_tokens
 from .generate import left_pad
@@ -42,9 +43,7 @@ def reference_answer(sample: dict, where: str = "sample") -> str:
         m for m in messages[(last_user + 1 if last_user is not None else 0) :] if m["role"] == "assistant"
     ]
     if last_user is None or not answers:
-        raise ValueError(
-            f"{where}: no assistant turn after the last user turn to use as the reference answer"
-        )
+        raise DataError(f"{where}: no assistant turn after the last user turn to use as the reference answer")
     return answers[0]["content"]
 
 
@@ -108,12 +107,12 @@ def evaluate(
             continue
         loss_sum, n = answer_token_loss(model, encoded)
         if n == 0:
-            raise ValueError(f"{_where(sample, i)}: no assistant tokens to score")
+            raise DataError(f"{_where(sample, i)}: no assistant tokens to score")
         total += loss_sum
         tokens += n
         good.append(sample)
     if not good:
-        raise ValueError(f"evaluate: every sample was rejected, e.g. {skipped[0]}")
+        raise DataError(f"evaluate: every sample was rejected, e.g. {skipped[0]}")
     loss = total / tokens
     report = {"n": len(good), "tokens": tokens, "loss": loss, "ppl": math.exp(min(loss, 700.0))}
     if skipped:

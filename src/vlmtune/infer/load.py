@@ -29,6 +29,23 @@ def _dtype(dtype) -> torch.dtype | None:
     return value
 
 
+def pick_device(name: str | None) -> torch.device:
+    """`--device`: cpu, cuda, cuda:1, ... (default: cuda when available, else cpu), checked before loading."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r}: not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and (
+        not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()
+    ):
+        raise ConfigError(f"--device {name}: no such CUDA device is visible; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name}: only cpu and cuda are supported")
+    return device
+
+
 def is_hf_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "config.json"))
 
@@ -81,11 +98,19 @@ def stop_token_ids(tokenizer, model_dir: str | None = None) -> list[int]:
         ids.add(im_end)
     file = os.path.join(model_dir, "generation_config.json") if model_dir else None
     if file and os.path.isfile(file):
-        with open(file) as f:
-            eos = json.load(f).get("eos_token_id")
-        ids.update([eos] if isinstance(eos, int) else (eos or []))
+        try:
+            with open(file, encoding="utf-8") as f:
+                eos = json.load(f).get("eos_token_id")
+        except (OSError, ValueError, AttributeError) as e:
+            raise CheckpointError(
+                f"{file}: unreadable ({e}); copy it again from the base checkpoint"
+            ) from None
+        eos = [eos] if isinstance(eos, int) else (eos or [])
+        if not isinstance(eos, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in eos):
+            raise CheckpointError(f"{file}: eos_token_id must be a token id or a list of them, got {eos!r}")
+        ids.update(eos)
     if not ids:
-        raise ValueError(
+        raise CheckpointError(
             "the tokenizer defines no eos token and <|im_end|> is unknown; cannot tell where answers end"
         )
     return sorted(ids)

@@ -31,6 +31,7 @@ from vlmtune.checkpoint.hf import load_pretrained, load_weights, save_pretrained
 from vlmtune.data import build_processor
 from vlmtune.errors import CheckpointError, ConfigError, ParallelError
 from vlmtune.models.qwen3_vl import Qwen3VL, build_model, load_config, materialize
+from vlmtune.parallel.collectives import barrier, broadcast_object
 from vlmtune.parallel.expert import apply_expert_parallel
 from vlmtune.parallel.layout import ParallelConfig
 from vlmtune.parallel.mesh import init_distributed
@@ -219,14 +220,13 @@ def _on_rank0(info, fn):
     """`fn()` on rank 0, its result (or its input error) given to every rank."""
     if info is None:
         return fn()
-    payload = [None]
+    payload = None
     if info.rank == 0:
         try:
-            payload = [("ok", fn())]
+            payload = ("ok", fn())
         except (OSError, ValueError) as e:
-            payload = [("error", str(e))]
-    dist.broadcast_object_list(payload, src=0)
-    status, value = payload[0]
+            payload = ("error", str(e))
+    status, value = broadcast_object(payload, src=0)
     if status == "error":
         raise VerifyInputError(value)
     return value
@@ -289,7 +289,7 @@ def verify(opts: VerifyOptions) -> dict | None:
             run_vlmtune(model, cases, out, opts.tokens, f"vlmtune {layout}", opts.progress and rank0)
             del model
             _free()
-            dist.barrier()
+            barrier()
             if owned:
                 dist.destroy_process_group()
             if not rank0:

@@ -98,3 +98,12 @@ def all_gather_object(obj, group=None) -> list:
     out = [None] * dist.get_world_size(group)
     dist.all_gather_object(out, obj, group=group)
     return out
+
+
+def broadcast_object(obj, src: int = 0, group=None):
+    """Rank `src`'s picklable `obj` on every rank (through the group's device, as `all_gather_object`)."""
+    if not dist.is_initialized():
+        return obj
+    payload = [obj]
+    dist.broadcast_object_list(payload, src=src, group=group)
+    return payload[0]

@@ -80,8 +80,9 @@ def _own_units(model: Qwen3VL, root: nn.Module) -> list[tuple[nn.Module, bool]]:
     one order), the token embedding and the lm_head. Tied embeddings (2B/4B) share one weight between first
     and last use: they stay in the root unit."""
     units = []
-    if model.visual is not None:  # None on later pipeline stages
-        units += [(m, True) for m in (model.visual.merger, *model.visual.deepstack_merger_list)]
+    if model.visual is not None:  # None on later pipeline stages; a split tower may lack some mergers
+        mergers = (model.visual.merger, *model.visual.deepstack_merger_list)
+        units += [(m, True) for m in mergers if m is not None]
     if model.args.tie_word_embeddings or not getattr(root, "embedding_and_head_units", False):
         return units
     embed, head = model.language_model.embed_tokens, model.lm_head

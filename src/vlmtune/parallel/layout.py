@@ -37,7 +37,9 @@ class ParallelConfig:
     ep: int = _f(1, "expert parallel size (MoE); divides dp_shard and the number of experts")
     cp: int = _f(1, "context parallel size: each packed row split over cp ranks (Ulysses; long videos)")
     llm_pp_layers: list = _f([], "decoder layers per pipeline stage, e.g. [6, 10, 10, 10]")
-    vit_pp_layers: list = _f([], "vision blocks per stage; all on the first stage, e.g. [27, 0, 0, 0]")
+    vit_pp_layers: list = _f(
+        [], "vision blocks per stage from the first, e.g. [27, 0, 0, 0] or [10, 17, 0, 0]"
+    )
     pp_schedule: str = _f("1f1b", "pipeline schedule", ("1f1b", "interleaved"))
     pp_microbatches: int = _f(0, "pipeline micro-batches per step (0: the gradient accumulation steps)")
 
@@ -90,7 +92,22 @@ def resolve(cfg: ParallelConfig, world_size: int, args: ModelArgs | None = None)
                     f"parallel.pp={out.pp} needs parallel.llm_pp_layers, e.g. {even_split(args.text.num_hidden_layers, out.pp)}"
                 )
             plan_stages(args, out.llm_pp_layers, out.vit_pp_layers or None, out.pp)
+            _check_schedule(out)
     return out
+
+
+def _check_schedule(cfg: ParallelConfig) -> None:
+    n = len(cfg.llm_pp_layers)
+    if cfg.pp_schedule == "1f1b" and n != cfg.pp:
+        raise ParallelError(
+            f"parallel.pp_schedule 1f1b runs one stage per rank: llm_pp_layers needs {cfg.pp} entries, has {n} "
+            "(several stages per rank: pp_schedule: interleaved)"
+        )
+    if cfg.pp_schedule == "interleaved" and n < 2 * cfg.pp:
+        raise ParallelError(
+            f"parallel.pp_schedule interleaved needs at least 2 stages per rank: llm_pp_layers has {n} entries "
+            f"for pp={cfg.pp}; give it a multiple of {cfg.pp}, >= {2 * cfg.pp}"
+        )
 
 
 def even_split(n: int, parts: int) -> list[int]:

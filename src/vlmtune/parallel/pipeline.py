@@ -80,11 +80,6 @@ def _check_split(args: ModelArgs, llm: list[int], vit: list[int], pp: int) -> in
         raise ParallelError(
             f"parallel.vit_pp_layers {vit} must have {n} entries summing to the vision depth {depth}"
         )
-    if vit[0] != depth:
-        raise ParallelError(
-            f"parallel.vit_pp_layers {vit}: the vision tower must be entirely on the first stage, e.g. "
-            f"{[depth] + [0] * (n - 1)}"
-        )
     text_start = max((i for i, v in enumerate(vit) if v), default=0)
     if any(v == 0 for v in vit[:text_start]):
         raise ParallelError(
@@ -178,6 +173,7 @@ class StageInputs:
     media: dict  # pixel values and grids, by the model's keyword names
     num_tokens: int  # real tokens
     num_patches: int  # vision patches of the micro-batch (rows of `vision_states`)
+    max_seqlen: int  # the longest sample, the padding included (FlashAttention varlen, known on the host)
 
 
 def stage_inputs(batch, length: int, device, pad_id: int = 0) -> StageInputs:
@@ -190,18 +186,22 @@ def stage_inputs(batch, length: int, device, pad_id: int = 0) -> StageInputs:
     ids = torch.full((1, length), pad_id, **long)
     pos = torch.zeros(3, 1, length, **long)
     targets = torch.full((length,), IGNORE_INDEX, **long)
-    cu, media, patches = torch.tensor([0]), {}, 0
+    cu, media, patches, longest = torch.tensor([0]), {}, 0, pad
     if batch is not None:
         ids[:, :n], pos[..., :n], targets[:n] = batch.input_ids, batch.position_ids, batch.targets[0]
         cu, media = batch.cu_seqlens.long(), batch.media()
         patches = sum(int(g.prod(-1).sum()) for k, g in media.items() if k.endswith("grid_thw"))
+        longest = max(batch.max_seqlen, pad)
     if pad:
         cu = torch.cat([cu, cu.new_tensor([length])])
     weights = (torch.arange(length) < n).float()
-    move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device, non_blocking=True)
+
     return StageInputs(
         move(ids), move(pos), move(cu.to(torch.int32)), move(targets), move(weights),
-        {k: move(v) for k, v in media.items()}, n, patches,
+        {k: move(v) for k, v in media.items()}, n, patches, longest,
     )  # fmt: skip
 
 
@@ -255,7 +255,7 @@ class PipelineStageModule(nn.Module):
             dummy = vis.dummy_pass(batch.input_ids.device)
         out = self.model(
             batch.input_ids, position_ids=batch.position_ids, cu_seqlens=batch.cu_seqlens,
-            return_hidden=True, **self._media(batch), **given,
+            max_seqlen=batch.max_seqlen, return_hidden=True, **self._media(batch), **given,
         )  # fmt: skip
         if self.model.args.is_moe and self.plan.layers:
             stats = router_statistics(self.model, batch.row_weights, into=stats)

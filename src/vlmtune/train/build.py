@@ -5,6 +5,7 @@ Face checkpoint — each rank holds and reads only its slices, streamed one tens
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -12,8 +13,10 @@ from torch.distributed.tensor.experimental import implicit_replication
 
 from vlmtune.checkpoint.hf import load_weights
 from vlmtune.models.qwen3_vl import Qwen3VL, build_model, load_config, materialize
+from vlmtune.models.qwen3_vl.moe import sparse_blocks
 from vlmtune.parallel.fsdp import parallelize
 from vlmtune.parallel.pipeline import PipelineStageModule, build_pipeline
+from vlmtune.parallel.pipeline_rank import TiedEmbedding
 from vlmtune.parallel.tensor import apply_tensor_parallel
 
 
@@ -67,9 +70,10 @@ def build_sharded_pipeline(
     prepare: Callable[[Qwen3VL], object] | None = None,
     chunk_size: int = 4096,
 ):
-    """This rank's pipeline stage(s) for training: meta build -> `prepare` (freezing) -> prune to the stage ->
-    EP, checkpointing, FSDP over the data-parallel ranks -> allocation and loading of the stage's own
-    tensors. Returns (schedule, stage modules)."""
+    """This rank's pipeline stage(s) for training: meta build -> `prepare` (freezing) -> tensor parallelism
+    (of the whole model, before the stage prunes it) -> prune to the stage -> EP, checkpointing, FSDP over the
+    data-parallel ranks -> allocation and loading of the stage's own tensors. Returns (schedule, stage
+    modules, TiedEmbedding or None)."""
     p = info.parallel
     args = load_config(path)
     compute = torch.bfloat16 if mixed_precision == "bf16" else dtype  # activations between stages
@@ -78,18 +82,22 @@ def build_sharded_pipeline(
         model = build_model(args, dtype=dtype)
         if prepare is not None:
             prepare(model)
+        if p.tp > 1:
+            apply_tensor_parallel(model, info.mesh["tp"], gather_logits=False)
         return model
 
     def wrap(stage: PipelineStageModule) -> nn.Module:
+        # Expert parallelism only where the stage holds sparse layers (a vision-only stage has none).
+        stage_info = info if sparse_blocks(stage.model) else replace(info, parallel=replace(p, ep=1))
         parallelize(
-            stage, stage.model, info, dtype=dtype, mixed_precision=mixed_precision,
+            stage, stage.model, stage_info, dtype=dtype, mixed_precision=mixed_precision,
             activation_checkpointing=activation_checkpointing, compile=compile,
         )  # fmt: skip
         _allocate_and_load(stage, stage.model, path, info.device, partial=True)
         stage.dummy_vision, stage.chunk_size = True, chunk_size
         return stage
 
-    return build_pipeline(
+    schedule, stages = build_pipeline(
         factory,
         info.mesh["pp"],
         llm_pp_layers=p.llm_pp_layers,
@@ -101,3 +109,5 @@ def build_sharded_pipeline(
         dtype=compute,
         wrap=wrap,
     )
+    tied = TiedEmbedding(stages, info.mesh.root.mesh, p.pp) if args.tie_word_embeddings else None
+    return schedule, stages, tied

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from vlmtune.errors import before_process_group
+
 from .config import describe_keys, load
 from .metrics import plot
 from .trainer import train
@@ -36,7 +38,9 @@ def register(subparsers) -> None:
 
 
 def run_train(args) -> int:
-    summary = train(load(args.config, args.overrides))
+    with before_process_group():  # the same file on every rank: one message, not one per rank
+        cfg = load(args.config, args.overrides)
+    summary = train(cfg)
     print(f"done: step {summary['step']}, loss {summary['loss']}, outputs in {summary['output_dir']}")
     return 0
 

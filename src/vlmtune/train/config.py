@@ -269,7 +269,10 @@ def parse_override(text: str) -> tuple[list[str], object]:
     if "=" not in body:
         raise ConfigError(f"override {text!r}: expected --section.key=value")
     key, value = body.split("=", 1)
-    return key.split("."), yaml.safe_load(value) if value != "" else ""
+    try:
+        return key.split("."), yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: invalid YAML value ({e})") from None
 
 
 def load(path: str, overrides: list[str] = (), *, check_paths: bool = True) -> TrainConfig:
@@ -279,6 +282,8 @@ def load(path: str, overrides: list[str] = (), *, check_paths: bool = True) -> T
             raw = yaml.safe_load(f) or {}
     except FileNotFoundError as e:
         raise ConfigError(f"{path}: config file not found") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the config file ({e})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from e
     for text in overrides:

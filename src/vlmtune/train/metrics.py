@@ -9,33 +9,22 @@ import time
 
 import torch
 
+from vlmtune.data.batch import PackedBatch
 from vlmtune.errors import VlmtuneError
+
+from .flops import Trainable, model_flops, peak_tflops_for
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 
-# Dense bf16 peak TFLOP/s of common accelerators (vendor datasheets), for the MFU estimate.
-GPU_PEAK_TFLOPS = {
-    "H200": 989.0,
-    "H100": 989.0,
-    "H800": 989.0,
-    "A100": 312.0,
-    "A800": 312.0,
-    "L40S": 362.0,
-    "4090": 165.0,
-}
-
 
 def peak_tflops(device: torch.device, configured: float) -> float:
-    """The device's peak: configured, else the GPU table, else a measured fp32 matmul on this CPU."""
+    """The device's peak dense TFLOP/s: configured (`logging.peak_tflops`), else the GPU table of
+    `train/flops.py` (0 for a GPU it does not know: no MFU), else a measured fp32 matmul on this CPU."""
     if configured > 0:
         return configured
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, value in GPU_PEAK_TFLOPS.items():
-            if key in name:
-                return value
-        return 0.0
+        return peak_tflops_for(torch.cuda.get_device_name(device)) or 0.0
     a = torch.randn(512, 512)
     a @ a  # warm up
     t = time.perf_counter()
@@ -44,16 +33,16 @@ def peak_tflops(device: torch.device, configured: float) -> float:
     return 8 * 2 * 512**3 / (time.perf_counter() - t) / 1e12
 
 
-def flops_per_token(model) -> float:
-    """Matmul FLOPs per input token: forward 2N, backward 2N (activation grads) + 2N_trainable (weight
-    grads), over non-embedding parameters (the embedding is a lookup; the chunked loss applies lm_head to
-    label tokens only). Attention scores are ignored: an estimate."""
-    heads = (model.language_model.embed_tokens, model.lm_head)  # None on a pipeline stage without them
-    skip = {id(m.weight) for m in heads if m is not None}
-    params = [p for p in model.parameters() if id(p) not in skip]
-    n = sum(p.numel() for p in params)
-    n_trainable = sum(p.numel() for p in params if p.requires_grad)
-    return 4 * n + 2 * n_trainable
+def micro_batch_flops(args, batch: PackedBatch, trainable: Trainable, lora=None) -> float:
+    """Model FLOPs (forward + backward) of one packed micro-batch, counted from its host-side shape: its
+    samples' lengths, its images' and videos' grids and its label tokens (see `train/flops.py`)."""
+    cu = batch.cu_seqlens.tolist()
+    grids = [g for key in ("image_grid_thw", "video_grid_thw") if getattr(batch, key) is not None
+             for g in getattr(batch, key).tolist()]  # fmt: skip
+    lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]
+    return model_flops(
+        args, lengths, grids, label_tokens=batch.num_label_tokens, trainable=trainable, lora=lora
+    ).total
 
 
 def peak_memory_gb(device: torch.device) -> float:

@@ -156,7 +156,8 @@ RULES = (
     Rule("args.fp16", OFF, (False,), "vlmtune computes in fp32 or bf16: set train.mixed_precision: bf16"),
     Rule(
         "args.virtual_pipeline_model_parallel_size",
-        todo="parallel.pp_schedule: interleaved (not in train yet)",
+        todo="set parallel.pp_schedule: interleaved and list pp x vpp stages in parallel.llm_pp_layers "
+        "(rank r holds stages r, r + pp, ...; see docs/parallel.md)",
     ),
     Rule("args.calculate_square_loss", OFF, (False,), "no square loss: choose loss.type"),
     Rule("args.calculate_token_loss", OFF, (False,), "closest: loss.type: token_mean"),

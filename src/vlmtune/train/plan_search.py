@@ -78,9 +78,9 @@ def _divisors(n: int, limit: int | None = None) -> list[int]:
 
 
 def candidate_layouts(ctx: Context, pipeline_ok: bool) -> list[Layout]:
-    """Layouts of the world that the trainer runs today: tensor parallelism inside a node, pipelines only
-    without tp / MoE / tied embeddings, expert parallelism over data-parallel ranks, HSDP across nodes,
-    context parallelism when the config has `parallel.cp`."""
+    """Layouts of the world that the trainer runs: tensor parallelism inside a node, pipelines (with tp and
+    MoE too; `pipeline_ok` False leaves them out), expert parallelism over data-parallel ranks, HSDP across
+    nodes, context parallelism when the config has `parallel.cp`."""
     a, hw = ctx.args, ctx.hardware
     has_cp = "cp" in {f.name for f in dataclasses.fields(ParallelConfig)}
     out = []
@@ -89,7 +89,7 @@ def candidate_layouts(ctx: Context, pipeline_ok: bool) -> list[Layout]:
             validate_tensor_parallel(a, tp)
         except ParallelError:
             continue
-        pps = [1] + ([p for p in _divisors(hw.world // tp, 8) if p > 1] if tp == 1 and pipeline_ok else [])
+        pps = [1] + ([p for p in _divisors(hw.world // tp, 8) if p > 1] if pipeline_ok else [])
         for pp in pps:
             for cp in _divisors(hw.world // (tp * pp), 8) if has_cp else [1]:
                 rest = hw.world // (tp * pp * cp)
@@ -128,7 +128,9 @@ class Plan:
 def suggest(ctx: Context, cfg: TrainConfig, budgets: list[int]) -> list[Estimate]:
     """The fastest layouts that fit with the headroom (smallest peak first if the peak FLOP/s is unknown)."""
     a = ctx.args
-    pipeline_ok = not (a.is_moe or a.tie_word_embeddings)
+    # Tied embeddings under PP keep a second copy of the matrix on the last stage (train/pipeline_rank.py's
+    # TiedEmbedding), which the memory model does not count yet: no pipeline suggestions for 2B/4B.
+    pipeline_ok = not a.tie_word_embeddings
     fits = []
     for layout in candidate_layouts(ctx, pipeline_ok):
         for budget in budgets:

@@ -108,6 +108,7 @@ class StepResult:
     tokens: int  # input tokens of the step, all ranks
     label_tokens: int
     skipped: bool
+    flops: float = 0.0  # model FLOPs of the step over all ranks (filled in by the trainer)
 
 
 def clip_and_norm(params: list[torch.Tensor], max_norm: float, pp_group=None) -> float:
@@ -215,11 +216,17 @@ class DataParallelStep:
 class PipelineStep:
     """Pipeline parallelism: the step's micro-batches are the schedule's micro-batches, padded to `length`;
     each position's loss weight (`token_weights`, and for MoE the aux-loss weight as one more column) is the
-    schedule's target, so every loss mode is exact; the weights undo FSDP's average (x dp_size)."""
+    schedule's target, so every loss mode is exact; the weights undo FSDP's average (x dp_size). With tied
+    embeddings the two copies' gradients are summed after backward and the new weight is sent to the last
+    stage after the optimizer step (`after_step`)."""
 
-    def __init__(self, schedule, stages, info, *, length: int, loss_type: str, aux_coef: float = 0.0):
+    def __init__(
+        self, schedule, stages, info, *, n_microbatches: int, length: int, loss_type: str,
+        aux_coef: float = 0.0, tied=None,
+    ):  # fmt: skip
         self.schedule, self.stages, self.length, self.loss_type = schedule, stages, length, loss_type
-        self.aux_coef = aux_coef
+        self.n_microbatches = n_microbatches
+        self.aux_coef, self.tied = aux_coef, tied
         self.dp_size, self.dp_group = info.dp_size, info.dp_group
         self.pp_group = info.mesh["pp"].get_group()
         self.device = info.device
@@ -227,27 +234,61 @@ class PipelineStep:
         self.reports = any(m.plan.last for m in stages) and info.mesh["tp"].get_local_rank() == 0
         self.moe = stages[0].model.args.is_moe
 
-    def _weights(self, micro: list[PackedBatch], counts, norm: StepNormalizers) -> torch.Tensor:
+    def _weights(
+        self, micro: list[PackedBatch], counts, norm: StepNormalizers, aux_coef: float
+    ) -> torch.Tensor:
         rows = []
         for b, c in zip(micro, counts):
             w = F.pad(token_weights(b, c, norm, self.loss_type), (0, self.length - b.num_tokens))
             if self.moe:
-                aux = self.aux_coef * aux_loss_weight(c, norm, self.loss_type)
-                w = torch.cat([w, w.new_tensor([aux])])
+                w = F.pad(w, (0, 1), value=aux_coef * aux_loss_weight(c, norm, self.loss_type))
             rows.append(w)
-        return (torch.stack(rows) * self.dp_size).float().to(self.device)
+        return torch.stack(rows).float().to(self.device)
+
+    def _run(self, batches: list, weights: torch.Tensor, *, train: bool) -> float:
+        """One schedule step (or forward-only pass) over `batches`; the sum of the weighted losses on the
+        reporting ranks, 0 elsewhere."""
+        set_batches(self.stages, batches, self.length, self.device)
+        losses: list = []
+        run = self.schedule.step if train else self.schedule.eval
+        run(mb=torch.arange(len(batches)), target=weights, losses=losses)
+        return sum(float(x.detach()) for x in losses) if self.reports else 0.0
 
     def forward_backward(self, micro: list[PackedBatch]) -> tuple[float, int, int]:
         counts = [count_labels(b) for b in micro]
         norm = step_normalizers(counts, group=self.dp_group)
-        weights = self._weights(micro, counts, norm)
-        set_batches(self.stages, micro, self.length, self.device)
-        losses: list = []
-        self.schedule.step(mb=torch.arange(len(micro)), target=weights, losses=losses)
-        local = sum(float(x.detach()) for x in losses) / self.dp_size if self.reports else 0.0
+        weights = self._weights(micro, counts, norm, self.aux_coef) * self.dp_size
+        local = self._run(micro, weights, train=True) / self.dp_size
+        if self.tied is not None:
+            self.tied.sum_grads()
         (loss,) = all_reduce_host([local])  # one reporting rank per data shard
         (tokens,) = all_reduce_host([sum(b.num_tokens for b in micro)], group=self.dp_group)
         return loss, int(tokens), int(norm.tokens)
 
+    def after_step(self) -> None:
+        if self.tied is not None:
+            self.tied.broadcast_weight()
+
+    def exclude_tied_copy(self, optimizer) -> None:
+        if self.tied is not None:
+            self.tied.exclude_from(optimizer)
+
+    @torch.no_grad()
     def eval_loss(self, batches: list[PackedBatch]) -> tuple[float, int]:
-        raise NotImplementedError("validation under pipeline parallelism")
+        """Token-mean loss over `batches` on all ranks: forward-only schedule runs of `n` micro-batches (the
+        training count; the last run filled with empty ones), as many runs on every data shard."""
+        n = self.n_microbatches
+        runs = int(all_reduce_host([math.ceil(len(batches) / n)], group=self.dp_group, op="max")[0])
+        unit = StepNormalizers(tokens=1.0, samples=1.0, microbatches=1.0)
+        total, tokens = 0.0, 0
+        for r in range(runs):
+            chunk = batches[r * n : (r + 1) * n]
+            counts = [count_labels(b) for b in chunk]
+            weights = self._weights(chunk, counts, unit, 0.0) if chunk else None
+            filler = torch.zeros(n - len(chunk), self.length + int(self.moe), device=self.device)
+            weights = filler if weights is None else torch.cat([weights, filler])
+            total += self._run(chunk + [None] * (n - len(chunk)), weights, train=False)
+            tokens += sum(c.tokens for c in counts)
+        (loss_sum,) = all_reduce_host([total])
+        (tokens,) = all_reduce_host([tokens], group=self.dp_group)
+        return loss_sum / max(tokens, 1.0), int(tokens)

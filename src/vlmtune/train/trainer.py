@@ -16,24 +16,28 @@ import time
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from vlmtune.checkpoint import dcp as checkpoint
 from vlmtune.checkpoint.convert import native_to_hf
 from vlmtune.checkpoint.export import export_model
 from vlmtune.data import build_loader, build_processor, load_samples
-from vlmtune.errors import ConfigError, DataError
+from vlmtune.errors import ConfigError, DataError, before_process_group, ranks_agree
 from vlmtune.models.qwen3_vl import ModelArgs, load_config
 from vlmtune.parallel.collectives import all_reduce_host, barrier
 from vlmtune.parallel.context import context_parallel
 from vlmtune.parallel.layout import ParallelConfig, resolve
 from vlmtune.parallel.mesh import DistInfo, close_distributed, init_distributed, world_size
+from vlmtune.parallel.pipeline_rank import rank_model
 
 from .build import build_sharded_model, build_sharded_pipeline
 from .config import TrainConfig
+from .flops import Trainable
 from .freeze import apply_freeze
-from .metrics import MetricsLogger, flops_per_token, peak_memory_gb, peak_tflops, plot
+from .metrics import MetricsLogger, micro_batch_flops, peak_memory_gb, peak_tflops, plot
 from .optim import Schedule, build_optimizer
+from .skips import RunSkips
 from .step import DataParallelStep, PipelineStep, StepResult, TrainModule, finish_step
 
 log = logging.getLogger(__name__)
@@ -70,37 +74,29 @@ def aux_coef(cfg: TrainConfig, args: ModelArgs) -> float:
 
 def check_config(cfg: TrainConfig, args: ModelArgs, world: int) -> ParallelConfig:
     """Everything the config alone decides, before any process group, data or weights: the layout against
-    the world size and the model (heads, layers, experts), and what pipeline parallelism cannot do yet."""
-    layout = resolve(cfg.parallel, world, args)
-    if layout.pp == 1:
-        return layout
-    problems = []
-    if layout.pp_schedule != "1f1b":
-        problems.append("parallel.pp_schedule: the trainer runs 1f1b (one stage per rank) for now")
-    if layout.tp > 1:
-        problems.append("parallel.tp with parallel.pp: not combined yet; use pp with dp_shard / ep")
-    if args.tie_word_embeddings:
-        problems.append("tied embeddings (Qwen3-VL 2B/4B) span the first and last stage: not supported yet")
-    if args.is_moe:
-        problems.append("MoE router aux loss across stages: not supported yet (use ep / dp_shard)")
-    if cfg.data.val_dataset or cfg.data.val_ratio:
-        problems.append(
-            "validation (data.val_dataset / data.val_ratio) under pipeline parallelism: not supported yet"
-        )
-    if problems:
-        raise ConfigError("parallel.pp > 1: " + "; ".join(problems))
-    return layout
+    the world size and the model (heads, layers, experts, the pipeline split and schedule)."""
+    return resolve(cfg.parallel, world, args)
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Run training as configured; returns a summary (final step, loss, paths)."""
-    args = load_config(cfg.model.init_from_hf)
-    check_config(cfg, args, world_size())
-    info = init_distributed(cfg.train.device, cfg.parallel, args)
+    """Run training as configured; returns a summary (final step, loss, paths, sample counts)."""
+    with before_process_group():  # every rank reads the same files and fails alike: one message
+        args = load_config(cfg.model.init_from_hf)
+        check_config(cfg, args, world_size())
+        info = init_distributed(cfg.train.device, cfg.parallel, args)
     try:
         return Trainer(cfg, info, args).run()
     finally:
         close_distributed()
+
+
+def make_output_dir(path: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+    except (OSError, ValueError) as e:  # ValueError: a NUL character in the path
+        raise ConfigError(
+            f"output_dir {path!r}: cannot create the directory ({getattr(e, 'strerror', None) or e})"
+        ) from None
 
 
 class StopRequest:
@@ -124,16 +120,24 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ build
     def build_data(self) -> None:
-        """Processor, samples and this data shard's loaders; the accumulation and the step count."""
+        """Processor, samples and this data shard's loaders; the accumulation and the step count. Every
+        skip (read, measured or later decoded) goes into the run's one report, `self.skips`."""
         cfg, info = self.cfg, self.info
+        self.skips = RunSkips(cfg.output_dir, self.main)
+        if cfg.checkpoint.auto_resume and checkpoint.latest(cfg.output_dir):
+            self.skips.keep_previous()
         self.processor = build_processor(cfg.model.init_from_hf, cfg.data)
-        train_samples, val_samples, report = load_samples(cfg.data, seed=cfg.train.seed)
+        report = self.skips.report
+        train_samples, val_samples, _ = load_samples(cfg.data, seed=cfg.train.seed, report=report)
         if not train_samples:
-            raise DataError(f"data.dataset {cfg.data.dataset}: no training samples (skipped: {report.total})")
+            raise DataError(
+                f"data.dataset {cfg.data.dataset}: no usable training samples ({report.read} read, "
+                f"{report.total} skipped: {report.by_reason()}); e.g. {next(iter(report.examples.values()), '-')}"
+            )
         # Ranks that differ only in tensor, context (or pipeline) parallelism read the same data shard.
         kw = dict(
             dp_rank=info.dp_rank, dp_size=info.dp_size, seed=cfg.train.seed,
-            max_tokens=cfg.train.micro_batch_tokens,
+            max_tokens=cfg.train.micro_batch_tokens, report=report,
         )  # fmt: skip
         self.loader = build_loader(cfg.data, self.processor, samples=train_samples, **kw)
         if cfg.eval.max_samples:
@@ -141,6 +145,9 @@ class Trainer:
         self.val_loader = (
             build_loader(cfg.data, self.processor, samples=val_samples, **kw) if val_samples else None
         )
+        self.train_samples, self.val_samples = train_samples, val_samples
+        self.skips.shared = len(report.records)  # reading and measuring gave every rank the same skips
+        self.skips.write()
         self.accum = accumulation_steps(cfg, len(self.loader), len(train_samples), info.dp_size)
         # What one optimizer step trains on depends on the micro-batches per step, not on the data-parallel
         # size: a checkpoint resumes on another layout with the same data.
@@ -150,15 +157,19 @@ class Trainer:
 
     def _check_pipeline_fill(self) -> None:
         p = self.info.parallel
-        if p.pp > 1 and p.pp_microbatches and p.pp_microbatches != self.accum:
+        if p.pp == 1:
+            return
+        if p.pp_microbatches and p.pp_microbatches != self.accum:
             raise ConfigError(
                 f"parallel.pp_microbatches={p.pp_microbatches}: the pipeline's micro-batches are the step's "
                 f"{self.accum} gradient-accumulation micro-batches (set it to 0, or change train.global_batch_tokens)"
             )
-        if p.pp > 1 and self.accum < p.pp:
+        if self.accum < p.pp or (p.pp_schedule == "interleaved" and self.accum % p.pp):
+            need = "a multiple of" if p.pp_schedule == "interleaved" else "at least"
             raise ConfigError(
-                f"{self.accum} micro-batch(es) per step cannot fill {p.pp} pipeline stages: raise "
-                f"train.global_batch_tokens to at least {p.pp} x train.micro_batch_tokens per data-parallel rank"
+                f"{self.accum} micro-batch(es) per step cannot fill {p.pp} pipeline stages ({p.pp_schedule} needs "
+                f"{need} pp): set train.global_batch_tokens to {need} {p.pp} x train.micro_batch_tokens per "
+                "data-parallel rank"
             )
 
     def build_model(self) -> None:
@@ -172,14 +183,15 @@ class Trainer:
             prepare=lambda m: apply_freeze(m, cfg.freeze),
         )
         if info.parallel.pp > 1:
-            pipe, stages = build_sharded_pipeline(
+            pipe, stages, tied = build_sharded_pipeline(
                 cfg.model.init_from_hf, info, n_microbatches=self.accum, length=cfg.train.micro_batch_tokens,
                 chunk_size=cfg.loss.chunk_size, **build,
             )  # fmt: skip
-            self.root, self.model = stages[0], stages[0].model
+            # The stages of this rank (several under the interleaved schedule), and one model over them.
+            self.root, self.model = nn.ModuleList(stages), rank_model([s.model for s in stages])
             self.strategy = PipelineStep(
-                pipe, stages, info, length=cfg.train.micro_batch_tokens, loss_type=cfg.loss.type,
-                aux_coef=aux_coef(cfg, self.args),
+                pipe, stages, info, n_microbatches=self.accum, length=cfg.train.micro_batch_tokens,
+                loss_type=cfg.loss.type, aux_coef=aux_coef(cfg, self.args), tied=tied,
             )  # fmt: skip
         else:
             coef, context = aux_coef(cfg, self.args), context_parallel(info, self.args)
@@ -192,16 +204,19 @@ class Trainer:
             )
         self.root.train()
         self.optimizer = build_optimizer(self.model, cfg)
+        if isinstance(self.strategy, PipelineStep):
+            self.strategy.exclude_tied_copy(self.optimizer)
         self.schedule = Schedule(self.optimizer, self.n_steps, cfg)
 
     def resume(self) -> None:
         """Continue from output_dir's own latest checkpoint (a run started from checkpoint.load and later
         interrupted resumes itself), else from checkpoint.load, else start fresh."""
         c = self.cfg.checkpoint
-        source = (checkpoint.latest(self.cfg.output_dir) if c.auto_resume else None) or c.load or None
-        if not source:
+        with ranks_agree():
+            source = (checkpoint.latest(self.cfg.output_dir) if c.auto_resume else None) or c.load or None
+            path = checkpoint.resolve(source) if source else None
+        if not path:
             return
-        path = checkpoint.resolve(source)
         meta = checkpoint.load(
             path, model=self.model, optimizer=self.optimizer, loader=self.loader, no_load_optim=c.no_load_optim,
             no_load_rng=c.no_load_rng, dp_rank=self.info.dp_rank, dp_size=self.info.dp_size,
@@ -221,13 +236,26 @@ class Trainer:
             self.optimizer, micro, loss, tokens, label_tokens, self.cfg.optim.clip_grad, t.on_nan,
             self.step + 1, pp_group,
         )  # fmt: skip
+        if isinstance(self.strategy, PipelineStep):
+            self.strategy.after_step()
         self.step += 1
-        self.consumed += int(all_reduce_host([sum(len(b.sample_ids) for b in micro)], self.info.dp_group)[0])
+        # Samples and model FLOPs of the step over all data shards (tensor / pipeline ranks share theirs).
+        trainable = Trainable.from_freeze(self.cfg.freeze)
+        flops = sum(micro_batch_flops(self.args, b, trainable) for b in micro)
+        samples, result.flops = all_reduce_host(
+            [sum(len(b.sample_ids) for b in micro), flops], self.info.dp_group
+        )
+        self.consumed += int(samples)
         return result
 
+    def agreed(self, fetch):
+        """`fetch()` (reading micro-batches) on every rank, agreed before the next collective."""
+        return self.skips.agree(fetch, self.info.world_size)
+
     def validate(self) -> float:
+        batches = self.agreed(lambda: list(iter(self.val_loader)))
         self.root.eval()
-        loss, tokens = self.strategy.eval_loss(list(iter(self.val_loader)))
+        loss, tokens = self.strategy.eval_loss(batches)
         self.root.train()
         self.logger.log({"step": self.step, "val_loss": loss, "val_tokens": tokens})
         return loss
@@ -244,6 +272,7 @@ class Trainer:
             meta=meta, source_dir=self.cfg.model.init_from_hf, no_save_optim=c.no_save_optim,
             no_save_rng=c.no_save_rng, keep_last=c.keep_last, dp_rank=self.info.dp_rank, dp_size=self.info.dp_size,
         )  # fmt: skip
+        self.skips.write()  # a resumed run continues from what was found up to here
 
     def _batches(self):
         """The loader's micro-batches, epoch after epoch."""
@@ -262,20 +291,15 @@ class Trainer:
         log.info(
             "layout: pp %d x dp_replicate %d x dp_shard %d x cp %d x tp %d (ep %d); this rank's stage holds %d "
             "decoder layer(s)%s", lp.pp, lp.dp_replicate, lp.dp_shard, lp.cp, lp.tp, lp.ep,
-            len(self.model.language_model.layers), " and the vision tower" if self.model.visual is not None else "",
+            len(self.model.language_model.layers),
+            f" and {len(self.model.visual.blocks)} vision block(s)" if self.model.visual is not None else "",
         )  # fmt: skip
-
-    def _stage_flops_per_token(self) -> float:
-        fpt = flops_per_token(self.model)
-        if self.info.parallel.pp > 1:  # each stage holds part of the model
-            fpt = all_reduce_host([fpt], group=self.info.mesh["pp"].get_group())[0]
-        return fpt
 
     def loop(self) -> dict:
         cfg, c = self.cfg, self.cfg.checkpoint
         peak = peak_tflops(self.info.device, cfg.logging.peak_tflops) * 1e12
-        fpt, last, start_step = self._stage_flops_per_token(), {}, self.step
-        window_tokens, window_start = 0, time.perf_counter()
+        last, start_step = {}, self.step
+        window_tokens, window_flops, window_start = 0, 0.0, time.perf_counter()
         bar = tqdm(
             total=self.n_steps,
             initial=self.step,
@@ -284,14 +308,17 @@ class Trainer:
         )
         batches = self._batches()
         while self.step < self.n_steps:
-            micro = [next(batches) for _ in range(self.accum)]
+            micro = self.agreed(lambda: [next(batches) for _ in range(self.accum)])
             lr = self.schedule.set(self.step)
             result = self.train_step(micro)
-            window_tokens += result.tokens
+            window_tokens, window_flops = window_tokens + result.tokens, window_flops + result.flops
             if self.step % cfg.logging.log_interval == 0 or self.step == self.n_steps:
-                tps = window_tokens / max(time.perf_counter() - window_start, 1e-9)
-                last = self._log_step(result, lr, tps, fpt, peak)
-                window_tokens, window_start = 0, time.perf_counter()
+                elapsed = max(time.perf_counter() - window_start, 1e-9)
+                tps = window_tokens / elapsed
+                # MFU: the model FLOPs that ran (train/flops.py), per GPU, over the device's peak.
+                mfu = window_flops / elapsed / self.info.world_size / peak if peak > 0 else None
+                last = self._log_step(result, lr, tps, mfu)
+                window_tokens, window_flops, window_start = 0, 0.0, time.perf_counter()
                 bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
             bar.update(1)
             if self.val_loader is not None and cfg.eval.interval and self.step % cfg.eval.interval == 0:
@@ -314,12 +341,12 @@ class Trainer:
             "steps_run": self.step - start_step,
         }
 
-    def _log_step(self, result: StepResult, lr: float, tps: float, fpt: float, peak: float) -> dict:
+    def _log_step(self, result: StepResult, lr: float, tps: float, mfu: float | None) -> dict:
         record = {
             "step": self.step, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
             "tokens": result.tokens, "label_tokens": result.label_tokens, "consumed_samples": self.consumed,
-            "tokens_per_s": tps, "mfu": (tps * fpt / self.info.world_size / peak) if peak > 0 else None,
-            "peak_mem_gb": peak_memory_gb(self.info.device), "skipped": result.skipped,
+            "tokens_per_s": tps, "mfu": mfu,
+            "peak_mem_gb": peak_memory_gb(self.info.device), "skipped": result.skipped, **self.skips.metrics(),
         }  # fmt: skip
         self.logger.log(record)
         return record
@@ -343,6 +370,11 @@ class Trainer:
                 export_model(self.model, hf_dir, source_dir=cfg.model.init_from_hf)
             summary["hf"] = hf_dir
         self.logger.close()
+        summary["samples"] = self.skips.summary(self.train_samples, self.val_samples)
+        self.skips.write()
+        if self.main:
+            for line in self.skips.summary_lines(summary["samples"]):
+                log.info("%s", line)
         if self.main and os.path.exists(os.path.join(cfg.output_dir, "metrics.jsonl")):
             try:
                 summary["plot"] = plot(cfg.output_dir)
@@ -351,12 +383,19 @@ class Trainer:
         return summary
 
     def run(self) -> dict:
+        """Each phase checks its own inputs on every rank, and the ranks agree before the next collective:
+        bad input on one rank stops all of them with one message, never a hang."""
         seed_everything(self.cfg.train.seed)
-        os.makedirs(self.cfg.output_dir, exist_ok=True)
-        self.build_data()
-        self.build_model()
+        with ranks_agree():
+            make_output_dir(self.cfg.output_dir)
+            self.build_data()
+        with ranks_agree():
+            self.build_model()
         self.resume()
-        self.logger = MetricsLogger(self.cfg.output_dir, self.cfg, rank=self.info.rank, resume_step=self.step)
+        with ranks_agree():  # rank 0 rewrites metrics.jsonl up to the resumed step
+            self.logger = MetricsLogger(
+                self.cfg.output_dir, self.cfg, rank=self.info.rank, resume_step=self.step
+            )
         if self.main:
             self._announce()
         self.stop = StopRequest()

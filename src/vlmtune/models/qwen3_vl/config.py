@@ -90,10 +90,41 @@ class ModelArgs:
         return self.text.num_experts > 0
 
 
+_REQUIRED = object()
+
+
 def _req(d: dict, key: str, where: str):
     if key not in d or d[key] is None:
         raise ConfigError(f"{where}: missing required key '{key}'")
     return d[key]
+
+
+def _int(d: dict, key: str, where: str, default=_REQUIRED, low: int = 1) -> int:
+    """An integer key (an integral float is accepted) of at least `low`; a missing one takes `default`."""
+    value = d.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise ConfigError(f"{where}: missing required key '{key}'")
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise ConfigError(f"{where}: '{key}' must be an integer, got {value!r}")
+    if value < low:
+        raise ConfigError(f"{where}: '{key}' is {value}; must be >= {low}")
+    return int(value)
+
+
+def _ints(d: dict, key: str, where: str) -> list[int]:
+    value = d.get(key) or []
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise ConfigError(f"{where}: '{key}' must be a list of integers, got {value!r}")
+    return list(value)
+
+
+def _section(d: dict, key: str, where: str) -> dict:
+    value = _req(d, key, where)
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: '{key}' must be a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _rope_fields(text: dict, where: str) -> tuple[float, list[int], bool]:
@@ -168,18 +199,18 @@ def _check_moe(text: TextArgs, where: str) -> None:
 
 def _text_args(t: dict, tw: str, is_moe: bool) -> TextArgs:
     theta, section, interleaved = _rope_fields(t, tw)
-    n_heads = int(_req(t, "num_attention_heads", tw))
-    hidden = int(_req(t, "hidden_size", tw))
-    head_dim = int(t.get("head_dim") or hidden // n_heads)
+    n_heads = _int(t, "num_attention_heads", tw)
+    hidden = _int(t, "hidden_size", tw)
+    head_dim = _int(t, "head_dim", tw, default=hidden // n_heads)
     if sum(section) != head_dim // 2:
         raise ConfigError(f"{tw}: mrope_section {section} must sum to head_dim/2 = {head_dim // 2}")
     text = TextArgs(
-        vocab_size=int(_req(t, "vocab_size", tw)),
+        vocab_size=_int(t, "vocab_size", tw),
         hidden_size=hidden,
-        intermediate_size=int(_req(t, "intermediate_size", tw)),
-        num_hidden_layers=int(_req(t, "num_hidden_layers", tw)),
+        intermediate_size=_int(t, "intermediate_size", tw),
+        num_hidden_layers=_int(t, "num_hidden_layers", tw),
         num_attention_heads=n_heads,
-        num_key_value_heads=int(t.get("num_key_value_heads") or n_heads),
+        num_key_value_heads=_int(t, "num_key_value_heads", tw, default=n_heads),
         head_dim=head_dim,
         rope_theta=theta,
         mrope_section=section,
@@ -188,10 +219,10 @@ def _text_args(t: dict, tw: str, is_moe: bool) -> TextArgs:
         attention_bias=bool(t.get("attention_bias", False)),
         hidden_act=t.get("hidden_act", "silu"),
         num_experts=_num_experts(t, tw) if is_moe else 0,
-        num_experts_per_tok=int(_req(t, "num_experts_per_tok", tw)) if is_moe else 0,
-        moe_intermediate_size=int(_req(t, "moe_intermediate_size", tw)) if is_moe else 0,
-        decoder_sparse_step=int(t.get("decoder_sparse_step", 1)),
-        mlp_only_layers=[int(i) for i in t.get("mlp_only_layers", []) or []],
+        num_experts_per_tok=_int(t, "num_experts_per_tok", tw, low=0) if is_moe else 0,
+        moe_intermediate_size=_int(t, "moe_intermediate_size", tw, low=0) if is_moe else 0,
+        decoder_sparse_step=_int(t, "decoder_sparse_step", tw, default=1, low=0),
+        mlp_only_layers=_ints(t, "mlp_only_layers", tw),
         norm_topk_prob=bool(t.get("norm_topk_prob", True)),
         router_aux_loss_coef=float(t.get("router_aux_loss_coef", 0.001 if is_moe else 0.0)),
     )
@@ -209,20 +240,24 @@ def _text_args(t: dict, tw: str, is_moe: bool) -> TextArgs:
 def _vision_args(v: dict, vw: str, text: TextArgs) -> VisionArgs:
     v_rope = v.get("rope_parameters") or {}
     vision = VisionArgs(
-        depth=int(_req(v, "depth", vw)),
-        hidden_size=int(_req(v, "hidden_size", vw)),
-        intermediate_size=int(_req(v, "intermediate_size", vw)),
-        num_heads=int(_req(v, "num_heads", vw)),
-        out_hidden_size=int(_req(v, "out_hidden_size", vw)),
-        num_position_embeddings=int(_req(v, "num_position_embeddings", vw)),
-        deepstack_visual_indexes=[int(i) for i in v.get("deepstack_visual_indexes", [])],
-        in_channels=int(v.get("in_channels", 3)),
-        patch_size=int(v.get("patch_size", 16)),
-        temporal_patch_size=int(v.get("temporal_patch_size", 2)),
-        spatial_merge_size=int(v.get("spatial_merge_size", 2)),
+        depth=_int(v, "depth", vw),
+        hidden_size=_int(v, "hidden_size", vw),
+        intermediate_size=_int(v, "intermediate_size", vw),
+        num_heads=_int(v, "num_heads", vw),
+        out_hidden_size=_int(v, "out_hidden_size", vw),
+        num_position_embeddings=_int(v, "num_position_embeddings", vw),
+        deepstack_visual_indexes=_ints(v, "deepstack_visual_indexes", vw),
+        in_channels=_int(v, "in_channels", vw, default=3),
+        patch_size=_int(v, "patch_size", vw, default=16),
+        temporal_patch_size=_int(v, "temporal_patch_size", vw, default=2),
+        spatial_merge_size=_int(v, "spatial_merge_size", vw, default=2),
         hidden_act=v.get("hidden_act", "gelu_pytorch_tanh"),
         rope_theta=float(v_rope.get("rope_theta", 10000.0)),
     )
+    if vision.hidden_size % vision.num_heads:
+        raise ConfigError(
+            f"{vw}: 'hidden_size' {vision.hidden_size} is not a multiple of 'num_heads' {vision.num_heads}"
+        )
     if vision.out_hidden_size != text.hidden_size:
         raise ConfigError(
             f"{vw}: 'out_hidden_size' {vision.out_hidden_size} must equal text_config.hidden_size {text.hidden_size}"
@@ -241,22 +276,40 @@ def _vision_args(v: dict, vw: str, text: TextArgs) -> VisionArgs:
 
 
 def args_from_hf_dict(cfg: dict[str, Any], where: str = "config.json") -> ModelArgs:
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{where}: expected a JSON object, got {type(cfg).__name__}")
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ConfigError(f"{where}: 'model_type' is {model_type!r}; expected one of {SUPPORTED_MODEL_TYPES}")
-    t = _req(cfg, "text_config", where)
-    v = _req(cfg, "vision_config", where)
-    text = _text_args(t, f"{where} text_config", model_type == "qwen3_vl_moe")
-    vision = _vision_args(v, f"{where} vision_config", text)
+    t = _section(cfg, "text_config", where)
+    v = _section(cfg, "vision_config", where)
+    try:
+        text = _text_args(t, f"{where} text_config", model_type == "qwen3_vl_moe")
+        vision = _vision_args(v, f"{where} vision_config", text)
+    except (TypeError, ValueError, AttributeError) as e:  # a value of the wrong kind the checks above let by
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{where}: malformed value ({e})") from None
     # 5.x keeps tie_word_embeddings at the top; 4.57 checkpoints may carry it in text_config only.
     tie = cfg.get("tie_word_embeddings", t.get("tie_word_embeddings", False))
+    ids = {
+        key: _int(cfg, key, where, default=default, low=0)
+        for key, default in (
+            ("image_token_id", 151655),
+            ("video_token_id", 151656),
+            ("vision_start_token_id", 151652),
+            ("vision_end_token_id", 151653),
+        )
+    }
+    for key, value in ids.items():
+        if value >= text.vocab_size:
+            raise ConfigError(
+                f"{where}: '{key}' {value} is outside the vocabulary (vocab_size {text.vocab_size})"
+            )
     return ModelArgs(
         vision=vision,
         text=text,
-        image_token_id=int(cfg.get("image_token_id", 151655)),
-        video_token_id=int(cfg.get("video_token_id", 151656)),
-        vision_start_token_id=int(cfg.get("vision_start_token_id", 151652)),
-        vision_end_token_id=int(cfg.get("vision_end_token_id", 151653)),
+        **ids,
         tie_word_embeddings=bool(tie),
         model_type=model_type,
         hf_config=copy.deepcopy(cfg),
@@ -270,8 +323,10 @@ def load_config(path: str | os.PathLike) -> ModelArgs:
     if not os.path.exists(file):
         raise ConfigError(f"{file}: not found; expected a Hugging Face Qwen3-VL checkpoint directory")
     try:
-        with open(file) as f:
+        with open(file, encoding="utf-8") as f:
             cfg = json.load(f)
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{file}: invalid JSON at line {e.lineno}: {e.msg}") from e
+        raise ConfigError(f"{file}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{file}: unreadable ({e})") from None
     return args_from_hf_dict(cfg, where=file)

@@ -85,6 +85,14 @@ class Qwen3VL(nn.Module):
             if head.weight is not embed.weight:
                 head.weight = embed.weight
 
+    @property
+    def is_pipeline_stage(self) -> bool:
+        """Whether this is a pipeline stage's model: a module it does not own is None (its forward then
+        leaves the router state to `moe.router_statistics`, which pools it across the stages)."""
+        lm, vis = self.language_model, self.visual
+        parts = (vis, vis and vis.patch_embed, vis and vis.merger, lm.embed_tokens, lm.norm, self.lm_head)
+        return any(part is None for part in parts)
+
     # ----------------------------------------------------------------------------------------------
     def encode_vision(
         self,
@@ -182,8 +190,8 @@ class Qwen3VL(nn.Module):
         A pipeline stage passes what earlier stages computed: `vision_states` (the vision tower's hidden
         states, its grids alongside), `hidden_states` (the decoder's, instead of embedding `input_ids`) and
         `deepstack_embeds` (dense DeepStack features). It returns the same fields for the next stage; a stage
-        without the final norm returns its decoder output un-normed and no aux loss (the pipeline pools the
-        router statistics across stages, `moe.router_statistics`).
+        without the final norm returns its decoder output un-normed, and no stage returns an aux loss (the
+        pipeline pools the router statistics across stages, `moe.router_statistics`).
 
         `max_seqlen` (the longest packed sample, a host int) spares FlashAttention a device sync; computed
         here once if not given.
@@ -209,8 +217,7 @@ class Qwen3VL(nn.Module):
             h, input_ids, position_ids, image_grid_thw, video_grid_thw, attention_mask, cu_seqlens, cache,
             visual_index=visual_index, deepstack=deepstack, max_seqlen=max_seqlen,
         )  # fmt: skip
-        whole = hidden_states is None and self.language_model.norm is not None
-        aux = self.aux_loss(attention_mask) if whole else None
+        aux = None if self.is_pipeline_stage else self.aux_loss(attention_mask)
         if self.language_model.norm is None:  # a pipeline stage: the decoder continues on the next stage
             return ModelOutput(hidden_states=h, deepstack_embeds=deepstack)
         if return_hidden:
