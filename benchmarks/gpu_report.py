@@ -59,8 +59,15 @@ def _throughput(r: dict) -> list[str]:
     return rows
 
 
+def _context(r: dict) -> list[str]:
+    from bench_cp import table
+
+    return [*table(r).splitlines(), *[f"- skipped: {s}" for s in r.get("skipped", [])]]
+
+
 _META = ("status", "seconds", "error")
-_TABLES = {"varlen": _varlen, "grouped_gemm": _grouped, "syncs": _syncs, "throughput": _throughput}
+_TABLES = {"varlen": _varlen, "grouped_gemm": _grouped, "syncs": _syncs, "throughput": _throughput,
+           "context_parallel": _context}  # fmt: skip
 
 
 def markdown(report: dict) -> str:

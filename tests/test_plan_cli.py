@@ -134,7 +134,7 @@ def test_impossible_configured_layout_still_suggests(tmp_path, capsys):
     cfg = write_run(tmp_path)
     assert main(["plan", cfg, "--parallel.tp=3", "--gpus-per-node", "4"]) == 0
     out = capsys.readouterr().out
-    assert "configured layout cannot run: dp_replicate x tp x pp = 3 does not divide" in out
+    assert "configured layout cannot run: dp_replicate x tp x pp x cp = 3 does not divide" in out
     assert "1. " in out
 
 

@@ -19,12 +19,12 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
-    mesh: object  # DeviceMesh: pp, dp_replicate, dp_shard_mod_ep, ep, tp (+ flattened dp_shard, dp)
+    mesh: object  # LayoutMesh: pp, dp_replicate, dp_shard_mod_ep, cp, ep, tp + flattened (layout.py)
     parallel: ParallelConfig  # resolved sizes
 
     @property
     def dp_rank(self) -> int:
-        """This rank's data shard: ranks that differ only in tp (or pp) read the same data."""
+        """This rank's data shard: ranks that differ only in tp, cp (or pp) read the same data."""
         return self.mesh["dp"].get_local_rank()
 
     @property
@@ -37,18 +37,17 @@ class DistInfo:
 
     @property
     def fsdp_mesh(self):
-        """FSDP2 mesh for non-expert weights: shard over dp_shard, replicate over dp_replicate (HSDP)."""
-        p = self.parallel
-        return self.mesh["dp_replicate", "dp_shard"] if p.dp_replicate > 1 else self.mesh["dp_shard"]
+        """FSDP2 mesh for non-expert weights: shard over dp_shard x cp, replicate over dp_replicate (HSDP)."""
+        return self.mesh["hsdp"] if self.parallel.dp_replicate > 1 else self.mesh["dp_shard_cp"]
 
     @property
     def expert_fsdp_mesh(self):
-        p = self.parallel
-        return (
-            self.mesh["dp_replicate", "dp_shard_mod_ep"]
-            if p.dp_replicate > 1
-            else self.mesh["dp_shard_mod_ep"]
-        )
+        return self.mesh["expert_hsdp"] if self.parallel.dp_replicate > 1 else self.mesh["dp_shard_mod_ep_cp"]
+
+    @property
+    def grad_ranks(self) -> int:
+        """The ranks whose gradients FSDP averages (every data-parallel and context-parallel rank)."""
+        return self.dp_size * self.parallel.cp
 
 
 def world_size() -> int:

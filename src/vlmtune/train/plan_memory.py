@@ -3,7 +3,7 @@
 The byte counts are those FSDP2 and DTensor allocate: every parameter is placed (pipeline stage,
 tensor-parallel shard, expert shard, FSDP unit) and FSDP2's per-parameter padding of dim 0 to a multiple of
 the shard count is applied (every rank allocates the padded shard; rank 0 holds the largest real one).
-Context parallelism (`parallel.cp`, when the config has it) is assumed not to shard parameters.
+Context-parallel ranks are FSDP shards too (the trainer shards over dp_shard x cp, `parallel/context.py`).
 """
 
 from __future__ import annotations
@@ -145,10 +145,10 @@ def _local_numel(r: ParamRecord, layout: Layout, dp_rank: int = 0) -> tuple[int,
     shape = list(r.shape)
     if r.tp_dim is not None and layout.tp > 1:
         shape[r.tp_dim] = math.ceil(shape[r.tp_dim] / layout.tp)
-    shards = layout.dp_shard
+    shards = layout.dp_shard * layout.cp
     if r.expert and layout.ep > 1:
         shape[0] = math.ceil(shape[0] / layout.ep)
-        shards = layout.dp_shard // layout.ep
+        shards = layout.dp_shard // layout.ep * layout.cp
     rest, rows = math.prod(shape[1:]), math.ceil(shape[0] / shards)
     real = min(rows, max(0, shape[0] - (dp_rank % shards) * rows))
     return rows * rest, shards, real * rest
@@ -157,7 +157,7 @@ def _local_numel(r: ParamRecord, layout: Layout, dp_rank: int = 0) -> tuple[int,
 def _grad_numel(r: ParamRecord, layout: Layout, local: int) -> int:
     """Under tensor parallelism without FSDP the vocabulary-sharded token embedding gets a replicated, full
     `[vocab, hidden]` gradient on every rank (DTensor's embedding backward; see tests/test_plan.py)."""
-    if r.name == "language_model.embed_tokens.weight" and layout.tp > 1 and layout.dp_shard == 1:
+    if r.name == "language_model.embed_tokens.weight" and layout.tp > 1 and layout.dp_shard * layout.cp == 1:
         return math.prod(r.shape)
     return local
 
@@ -225,7 +225,7 @@ def state_memory(
             out.params_frozen += local * stored
     if lora is not None:
         share = len(layers) / args.text.num_hidden_layers
-        adapters = lora_params(args.text, lora) * share / layout.dp_shard / layout.tp
+        adapters = lora_params(args.text, lora) * share / (layout.dp_shard * layout.cp) / layout.tp
         out.params += adapters * master
         out.grads += adapters * master
         out.optimizer += 2 * adapters * master

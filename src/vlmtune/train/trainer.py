@@ -27,6 +27,7 @@ from vlmtune.data import build_loader, build_processor, load_samples
 from vlmtune.errors import ConfigError, DataError, before_process_group, ranks_agree
 from vlmtune.models.qwen3_vl import ModelArgs, load_config
 from vlmtune.parallel.collectives import all_reduce_host, barrier
+from vlmtune.parallel.context import context_parallel
 from vlmtune.parallel.layout import ParallelConfig, resolve
 from vlmtune.parallel.mesh import DistInfo, close_distributed, init_distributed, world_size
 from vlmtune.parallel.pipeline_rank import rank_model
@@ -139,7 +140,7 @@ class Trainer:
                 f"data.dataset {cfg.data.dataset}: no usable training samples ({report.read} read, "
                 f"{report.total} skipped: {report.by_reason()}); e.g. {next(iter(report.examples.values()), '-')}"
             )
-        # Ranks that differ only in tensor (or pipeline) parallelism read the same data shard.
+        # Ranks that differ only in tensor, context (or pipeline) parallelism read the same data shard.
         kw = dict(
             dp_rank=info.dp_rank, dp_size=info.dp_size, seed=cfg.train.seed,
             max_tokens=cfg.train.micro_batch_tokens, report=report,
@@ -207,13 +208,14 @@ class Trainer:
                 loss_type=cfg.loss.type, aux_coef=aux_coef(cfg, self.args), tied=tied,
             )  # fmt: skip
         else:
-            coef = aux_coef(cfg, self.args)
+            coef, context = aux_coef(cfg, self.args), context_parallel(info, self.args)
             builder = build_quantized_model if cfg.lora.base_quant == "nf4" else build_sharded_model
             self.root, self.model = builder(
-                cfg.model.init_from_hf, lambda m: TrainModule(m, cfg.loss.chunk_size, coef), info, **build
-            )
+                cfg.model.init_from_hf, lambda m: TrainModule(m, cfg.loss.chunk_size, coef, context), info,
+                **build,
+            )  # fmt: skip
             self.strategy = DataParallelStep(
-                self.root, info.device, info.dp_size, info.dp_group, cfg.loss.type
+                self.root, info.device, info.dp_size, info.dp_group, cfg.loss.type, context
             )
         self.root.train()
         self.optimizer = build_optimizer(self.model, cfg)
@@ -304,8 +306,8 @@ class Trainer:
             self.info.world_size, f"{n_trainable:,}", f"{n_params:,}",
         )  # fmt: skip
         log.info(
-            "layout: pp %d x dp_replicate %d x dp_shard %d x tp %d (ep %d); this rank's stage holds %d decoder "
-            "layer(s)%s", lp.pp, lp.dp_replicate, lp.dp_shard, lp.tp, lp.ep,
+            "layout: pp %d x dp_replicate %d x dp_shard %d x cp %d x tp %d (ep %d); this rank's stage holds %d "
+            "decoder layer(s)%s", lp.pp, lp.dp_replicate, lp.dp_shard, lp.cp, lp.tp, lp.ep,
             len(self.model.language_model.layers),
             f" and {len(self.model.visual.blocks)} vision block(s)" if self.model.visual is not None else "",
         )  # fmt: skip
