@@ -252,8 +252,9 @@ def test_configured_peak_overrides_the_table():
 
 def test_micro_batch_flops_reads_the_packed_row():
     """The trainer's MFU counts a packed micro-batch by its samples' lengths, its grids and label tokens."""
-    from model_inputs import as_packed_batch, build_sample, packed_row
     from vlmtune.train.metrics import micro_batch_flops
+
+    from model_inputs import as_packed_batch, build_sample, packed_row
 
     batch = as_packed_batch(
         packed_row([build_sample([6, ("image", 4, 8), 3], 1), build_sample([4, ("video", 2, 4, 4), 2], 2)])

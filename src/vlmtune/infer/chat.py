@@ -7,9 +7,10 @@ from collections.abc import Callable
 
 import torch
 
-from .generate import GREEDY, stream
+from vlmtune.generation.generate import GREEDY, stream
+from vlmtune.generation.sampling import SamplingOptions
+
 from .load import stop_token_ids
-from .sampling import SamplingOptions
 
 
 class TextStream:

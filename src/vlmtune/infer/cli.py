@@ -11,12 +11,12 @@ import torch
 
 from vlmtune.data import DataConfig, build_processor, load_samples
 from vlmtune.errors import ConfigError, DataError, VlmtuneError
+from vlmtune.generation.sampling import SamplingOptions
 from vlmtune.options import cli_number
 
 from .chat import ChatSession
 from .evaluate import evaluate
 from .load import load_model, pick_device, processor_dir
-from .sampling import SamplingOptions
 
 POSITIVE = cli_number(int, low=1)
 HELP_MODEL = "Hugging Face checkpoint directory, or a training checkpoint directory from `vlmtune train`"
