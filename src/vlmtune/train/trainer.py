@@ -23,11 +23,13 @@ from vlmtune.checkpoint.convert import native_to_hf
 from vlmtune.checkpoint.export import export_model
 from vlmtune.data import build_loader, build_processor, load_samples
 from vlmtune.errors import ConfigError, DataError, before_process_group, ranks_agree
+from vlmtune.generation.tokens import pad_token_id, stop_token_ids
 from vlmtune.models.qwen3_vl import ModelArgs, load_config
 from vlmtune.parallel.collectives import all_reduce_host, barrier
 from vlmtune.parallel.layout import ParallelConfig, resolve
 from vlmtune.parallel.mesh import DistInfo, close_distributed, init_distributed, world_size
 
+from .answer_eval import answer_on_ranks, answer_record, answerable, write_generations
 from .build import build_sharded_model, build_sharded_pipeline
 from .config import TrainConfig
 from .flops import Trainable
@@ -73,6 +75,7 @@ def check_config(cfg: TrainConfig, args: ModelArgs, world: int) -> ParallelConfi
     """Everything the config alone decides, before any process group, data or weights: the layout against
     the world size and the model (heads, layers, experts), and what pipeline parallelism cannot do yet."""
     layout = resolve(cfg.parallel, world, args)
+    check_generation(cfg, layout)
     if layout.pp == 1:
         return layout
     problems = []
@@ -91,6 +94,15 @@ def check_config(cfg: TrainConfig, args: ModelArgs, world: int) -> ParallelConfi
     if problems:
         raise ConfigError("parallel.pp > 1: " + "; ".join(problems))
     return layout
+
+
+def check_generation(cfg: TrainConfig, layout: ParallelConfig) -> None:
+    if cfg.eval.generate and layout.pp > 1:
+        raise ConfigError(
+            "eval.generate under pipeline parallelism (parallel.pp > 1): not built yet (no stage holds the "
+            "whole model to decode with); set eval.generate: false, or score a saved checkpoint with "
+            "`vlmtune eval --generate`"
+        )
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -263,7 +275,26 @@ class Trainer:
         loss, tokens = self.strategy.eval_loss(batches)
         self.root.train()
         self.logger.log({"step": self.step, "val_loss": loss, "val_tokens": tokens})
+        if self.cfg.eval.generate:
+            self.validate_answers()
         return loss
+
+    def validate_answers(self) -> dict:
+        """Greedy answers to the validation prompts, scored with eval.metrics and logged (eval.generate)."""
+        c, tokenizer = self.cfg, self.processor.tokenizer
+        pairs = answerable(self.val_samples, self.val_loader.valid, self.skips.report)
+        self.root.eval()
+        scored = answer_on_ranks(
+            self.root, self.model, self.processor, pairs, info=self.info, eval_cfg=c.eval,
+            dataset_dir=c.data.dataset_dir, eos=stop_token_ids(tokenizer, c.model.init_from_hf),
+            pad=pad_token_id(tokenizer), agree=self.agreed,
+        )  # fmt: skip
+        self.root.train()
+        record = answer_record(self.step, scored, c.eval.metrics)
+        if self.main:
+            write_generations(c.output_dir, self.step, scored)
+        self.logger.log(record)
+        return record
 
     def save(self) -> None:
         c = self.cfg.checkpoint
