@@ -99,14 +99,15 @@ def to_messages(sample: dict, require_assistant: bool = True) -> tuple[list[dict
         raise BadSample("bad_structure", f"a sample must be a JSON object, got {type(sample).__name__}")
     check_text(sample)
     sid = f" (id {sample['id']!r})" if "id" in sample else ""
-    if "messages" in sample:
+    # A table has every column in every row: a column of the other layout is None there.
+    if sample.get("messages") is not None or "conversations" not in sample and "messages" in sample:
         raw, role_key, text_key, roles = sample["messages"], "role", "content", {r: r for r in MESSAGE_ROLES}
         images = _as_list(sample.get("images"), "images")
         videos = _as_list(sample.get("videos"), "videos")
     elif "conversations" in sample:
         raw, role_key, text_key, roles = sample["conversations"], "from", "value", LLAVA_ROLES
-        images = _as_list(sample.get("image", sample.get("images")), "image")
-        videos = _as_list(sample.get("video", sample.get("videos")), "video")
+        images = _as_list(_first(sample, "image", "images"), "image")
+        videos = _as_list(_first(sample, "video", "videos"), "video")
     else:
         raise BadSample("bad_structure", f"sample{sid} has neither 'messages' nor 'conversations'")
     if not isinstance(raw, list) or not raw:
@@ -139,6 +140,11 @@ def to_messages(sample: dict, require_assistant: bool = True) -> tuple[list[dict
                 f"sample{sid} has {text.count(tag)} {tag} placeholder(s) but {len(paths)} file(s)",
             )
     return messages, images, videos
+
+
+def _first(sample: dict, *keys):
+    """The first of `keys` the sample holds a value for (LLaVA files say `image` or `images`)."""
+    return next((sample[k] for k in keys if sample.get(k) is not None), None)
 
 
 def resolve_media(item, dataset_dir: str | None, restrict: bool, kind: str) -> str | Embedded:
