@@ -1,7 +1,8 @@
 """Generation metrics during training (`eval.generate`) and W&B offline logging.
 
-One single-process run trains 4 steps with validation answers at steps 2 and 4 (metrics.jsonl, TensorBoard,
-the plot, W&B offline). A two-rank FSDP run then answers validation prompts whose references were made from
+One single-process run trains 4 steps on a Parquet training set with the images embedded (a broken row is
+skipped, named by file and row in skipped.jsonl) with validation answers at steps 2 and 4 (metrics.jsonl,
+TensorBoard, the plot, W&B offline). A two-rank FSDP run then answers validation prompts whose references were made from
 the first run's answers: each rank generates its share with the sharded model (the ranks hold different
 numbers of prompts, one of them without an image, so one rank idles while the other decodes), the answers
 equal the single process's, and the logged numbers equal `vlmtune eval --generate` on the run's checkpoint.
@@ -15,6 +16,8 @@ import json
 import os
 import struct
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -53,9 +56,21 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    """The demo's shapes; the first validation question is asked without its image (a text-only prefill)."""
+    """The demo's shapes, the training set as Parquet with the images embedded (row 5's bytes broken: a skip
+    naming the file and the row); the first validation question is asked without its image (a text-only
+    prefill)."""
     d = str(tmp_path_factory.mktemp("vqa"))
     make_dataset(d, n_train=24, n_eval=N_VAL, seed=1)
+    rows = []
+    for k, s in enumerate(json.load(open(os.path.join(d, "train.json")))):
+        data = [open(os.path.join(d, p), "rb").read() for p in s["images"]]
+        rows.append(
+            {
+                **s,
+                "images": [{"bytes": b if k != 5 else b[:40], "path": p} for b, p in zip(data, s["images"])],
+            }
+        )
+    pq.write_table(pa.Table.from_pylist(rows), os.path.join(d, "train.parquet"), row_group_size=8)
     path = os.path.join(d, "heldout.json")
     val = json.load(open(path))
     del val[0]["images"]
@@ -68,7 +83,7 @@ def config(out, ckpt, data_dir, val="heldout.json", **sections) -> dict:
     """A small learning rate keeps the answers those of a random model: varied, never empty."""
     return run_config(
         out, ckpt, data_dir, steps=STEPS, keep_last=1, optim={"lr": 1e-5},
-        data={"val_dataset": val, "image_min_pixels": None, "image_max_pixels": None},
+        data={"dataset": "train.parquet", "val_dataset": val, "image_min_pixels": None, "image_max_pixels": None},
         eval={"interval": 2, "generate": True, "max_new_tokens": 6, "metrics": METRICS, "batch_size": 2},
         **sections,
     )  # fmt: skip
@@ -98,10 +113,17 @@ def answer_records(out) -> dict[int, dict]:
     return {r["step"]: r for r in read_metrics(out) if "val_answers" in r}
 
 
-def test_answer_metrics_in_metrics_jsonl_tensorboard_and_plot(single):
+def test_answer_metrics_in_metrics_jsonl_tensorboard_and_plot(single, dataset):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out, summary = single
+    (skip,) = [json.loads(line) for line in open(os.path.join(out, "skipped.jsonl"))]
+    assert (skip["file"], skip["where"], skip["reason"]) == (
+        os.path.join(dataset, "train.parquet"),
+        "row 5",
+        "corrupt_image",
+    )
+    assert summary["samples"]["train"] == 23 and summary["samples"]["skipped"] == 1
     records = answer_records(out)
     assert sorted(records) == [2, 4]
     for step, r in records.items():
