@@ -273,6 +273,24 @@ def test_convert_llava_writes_one_self_contained_parquet(tiny_ckpt, photos, proc
     assert json.loads(capsys.readouterr().out)["samples"] == 3
 
 
+def test_a_table_with_both_layouts_reads_each_row_by_its_own(photos, processor, tmp_path):
+    """Every row of a table has every column: the other layout's columns are null there."""
+    png = open(os.path.join(photos, "img", "coffee.png"), "rb").read()
+    llava = {"id": "l", "conversations": [{"from": "human", "value": "<image>?"}, {"from": "gpt", "value": "Coffee."}],
+             "image": {"bytes": png, "path": "coffee.png"}}  # fmt: skip
+    messages = {"id": "m", "messages": [{"role": "user", "content": "<image>?"}, {"role": "assistant", "content": "Coffee."}],
+                "images": [{"bytes": png, "path": "coffee.png"}]}  # fmt: skip
+    value = pa.struct([("from", pa.string()), ("value", pa.string())])
+    schema = MESSAGES.append(pa.field("conversations", pa.list_(value))).append(pa.field("image", IMAGE))
+    path = str(tmp_path / "mixed.parquet")
+    pq.write_table(pa.Table.from_pylist([llava, messages], schema=schema), path)
+    assert pq.read_table(path).to_pylist()[1]["conversations"] is None
+    rows, _, report = read(path, photos)
+    assert report.total == 0
+    a, b = (processor.encode(r) for r in rows)
+    assert_same_tensors(a, b)
+
+
 def test_reading_problems_name_the_table(tmp_path, photos):
     (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(DataError, match="broken.parquet: not a readable Parquet file"):
