@@ -30,6 +30,7 @@ from vlmtune.checkpoint.dcp import HF_ASSETS, resolve
 from vlmtune.checkpoint.hf import load_pretrained, load_weights, save_pretrained
 from vlmtune.data import build_processor
 from vlmtune.errors import CheckpointError, ConfigError, ParallelError
+from vlmtune.generation.generate import MEDIA_KEYS, stream
 from vlmtune.models.qwen3_vl import Qwen3VL, build_model, load_config, materialize
 from vlmtune.parallel.collectives import barrier, broadcast_object
 from vlmtune.parallel.expert import apply_expert_parallel
@@ -37,7 +38,6 @@ from vlmtune.parallel.layout import ParallelConfig
 from vlmtune.parallel.mesh import init_distributed
 from vlmtune.parallel.tensor import apply_tensor_parallel
 
-from .generate import MEDIA_KEYS, stream
 from .load import is_hf_dir, load_model, pad_token_id
 from .verify_compare import Tolerance, compare_checkpoints, compare_records, token_mean_loss
 from .verify_inputs import BATCH_KINDS, Case, build_cases, synthetic_samples, user_samples, write_media

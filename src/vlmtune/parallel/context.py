@@ -26,6 +26,7 @@ tensors per layer (each rank sends `(cp - 1)/cp` of them).
 
 from __future__ import annotations
 
+import contextlib
 import types
 
 import torch
@@ -92,6 +93,9 @@ def _heads_to_seq(out: torch.Tensor, group, cp: int) -> torch.Tensor:
 
 def _ulysses(self, q, k, v, *, attention_mask=None, cu_seqlens=None, mask=None, max_seqlen=None):
     """`CoreAttention.forward` of a decoder layer under context parallelism (see the module docstring)."""
+    if not self.cp_on:  # `whole_sequences`: this rank attends over whole sequences of its own
+        return self.cp_inner(q, k, v, attention_mask=attention_mask, cu_seqlens=cu_seqlens, mask=mask,
+                             max_seqlen=max_seqlen)  # fmt: skip
     if attention_mask is not None or q.shape[0] != 1:
         raise ValueError("context parallelism runs packed rows (one row with cu_seqlens), not padded batches")
     group, cp = self.cp_group, self.cp_size
@@ -108,8 +112,24 @@ def apply_context_parallel(model: Qwen3VL, cp_mesh) -> None:
     group, cp = cp_mesh.get_group(), cp_mesh.size()
     for layer in model.language_model.layers.values():
         core = layer.self_attn.core_attention
-        core.cp_inner, core.cp_group, core.cp_size = core.forward, group, cp
+        core.cp_inner, core.cp_group, core.cp_size, core.cp_on = core.forward, group, cp, True
         core.forward = types.MethodType(_ulysses, core)
+
+
+@contextlib.contextmanager
+def whole_sequences(model: Qwen3VL):
+    """The Ulysses exchange off: each cp rank runs whole sequences itself. Generation during training uses
+    it: the cp ranks of a data shard decode the same prompts in lockstep (FSDP all-gathers still run over
+    dp_shard x cp); splitting a one-token decode step over ranks would gain nothing."""
+    cores = [layer.self_attn.core_attention for layer in model.language_model.layers.values()]
+    cores = [c for c in cores if hasattr(c, "cp_on")]
+    for core in cores:
+        core.cp_on = False
+    try:
+        yield
+    finally:
+        for core in cores:
+            core.cp_on = True
 
 
 # ------------------------------------------------------------------------------------------ one row
