@@ -35,7 +35,7 @@ from vlmtune.models.qwen3_vl import Qwen3VL, build_model, load_config, materiali
 from vlmtune.parallel.collectives import barrier, broadcast_object
 from vlmtune.parallel.expert import apply_expert_parallel
 from vlmtune.parallel.layout import ParallelConfig
-from vlmtune.parallel.mesh import init_distributed
+from vlmtune.parallel.mesh import close_distributed, init_distributed
 from vlmtune.parallel.tensor import apply_tensor_parallel
 
 from .load import is_hf_dir, load_model, pad_token_id
@@ -291,7 +291,7 @@ def verify(opts: VerifyOptions) -> dict | None:
             _free()
             barrier()
             if owned:
-                dist.destroy_process_group()
+                close_distributed()
             if not rank0:
                 return None
         checks = _one_process_checks(opts, hf_dir, cases, pad, work, info is not None)

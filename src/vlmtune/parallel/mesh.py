@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import gc
 import os
 from dataclasses import dataclass
 
@@ -76,6 +78,8 @@ def init_distributed(device: str = "auto", parallel: ParallelConfig | None = Non
     # parallel/collectives.py, which puts host numbers on this device. `device_id` binds the group to it.
     backend = "nccl" if use_cuda else "gloo"
     if not dist.is_initialized():
+        atexit.unregister(release_process_groups)  # registered once per process
+        atexit.register(release_process_groups)
         kw = {"device_id": dev} if use_cuda else {}
         if world == 1 and "MASTER_ADDR" not in os.environ:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **kw)
@@ -90,3 +94,14 @@ def init_distributed(device: str = "auto", parallel: ParallelConfig | None = Non
 def close_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+    release_process_groups()
+
+
+def release_process_groups() -> None:
+    """Free the process groups that destroyed groups leave behind in reference cycles (FSDP states, meshes,
+    the model), so their threads stop while Python still runs. gloo runs collectives on worker threads; one
+    that frees a finished collective's tensors during interpreter shutdown needs the GIL it can no longer
+    take, and the process aborts ("terminate called without an active exception") after the run succeeded.
+    Also registered with `atexit`, for an exit where the caller's frames still held the model."""
+    if not dist.is_initialized():
+        gc.collect()
