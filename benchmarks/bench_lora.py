@@ -192,18 +192,29 @@ def gpu_peak_memory(layers: int = 2, steps: int = 3) -> dict:
         return compare(work, steps, "cuda", threads=8)
 
 
-def report(results: dict, title: str) -> None:
+def gpu_section(dry: bool) -> dict:
+    """gpu.py's `lora` section: `gpu_peak_memory` on the GPU; a dry run: the smoke sizes on the CPU."""
+    if not dry:
+        return {"title": "Qwen3-VL-8B widths, 2 decoder layers, CUDA bf16", "modes": gpu_peak_memory()}
+    with tempfile.TemporaryDirectory() as work:
+        prepare(work, SMOKE_SIZE)
+        return {"title": "tiny model, CPU fp32 (dry run)", "modes": compare(work, 2, "cpu", threads=1)}
+
+
+def table(results: dict, title: str) -> str:
     gb = 2**30
-    print(f"{title}\n{'mode':<6} {'peak GiB':>9} {'state GiB':>10} {'params':>8} {'optim':>8} {'trainable':>12} "
-          f"{'step s':>8}  first losses")  # fmt: skip
+    lines = [f"{title}", f"{'mode':<6} {'peak GiB':>9} {'state GiB':>10} {'params':>8} {'optim':>8} "
+             f"{'trainable':>12} {'step s':>8}  first losses"]  # fmt: skip
     for mode, r in results.items():
         s = r["state"]
-        print(f"{mode:<6} {r['peak'] / gb:9.3f} {s['total'] / gb:10.3f} {s['params'] / gb:8.3f} "
-              f"{s['optimizer'] / gb:8.3f} {r['trainable']:12,} {r['step_s']:8.3f}  "
-              f"{[round(x, 4) for x in r['losses'][:3]]}")  # fmt: skip
+        lines.append(f"{mode:<6} {r['peak'] / gb:9.3f} {s['total'] / gb:10.3f} {s['params'] / gb:8.3f} "
+                     f"{s['optimizer'] / gb:8.3f} {r['trainable']:12,} {r['step_s']:8.3f}  "
+                     f"{[round(x, 4) for x in r['losses'][:3]]}")  # fmt: skip
     q, lo = results["qlora"], results["lora"]
-    print(f"QLoRA: NF4 weights' max relative error {q['nf4_rel_error']:.4f}; first-step loss {q['losses'][0]:.5f} "
-          f"vs LoRA {lo['losses'][0]:.5f} (relative gap {abs(q['losses'][0] / lo['losses'][0] - 1):.2e})")  # fmt: skip
+    lines.append(f"QLoRA: NF4 weights' max relative error {q['nf4_rel_error']:.4f}; first-step loss "
+                 f"{q['losses'][0]:.5f} vs LoRA {lo['losses'][0]:.5f} (relative gap "
+                 f"{abs(q['losses'][0] / lo['losses'][0] - 1):.2e})")  # fmt: skip
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -221,9 +232,11 @@ def main() -> None:
         print(json.dumps(child(args.child[0], args.child[1], args.steps, args.device)))
         return
     if args.gpu:
-        report(
-            gpu_peak_memory(args.layers, args.steps),
-            f"Qwen3-VL-8B widths, {args.layers} decoder layers, CUDA bf16",
+        print(
+            table(
+                gpu_peak_memory(args.layers, args.steps),
+                f"Qwen3-VL-8B widths, {args.layers} decoder layers, CUDA bf16",
+            )
         )
         return
     steps = 2 if args.smoke else args.steps
@@ -235,7 +248,7 @@ def main() -> None:
         if args.smoke
         else "text 512 wide x 4 layers (tied 151936-token embedding), vision 128 x 2"
     )
-    report(results, f"{name}, CPU fp32, {steps} steps, {args.threads} threads")
+    print(table(results, f"{name}, CPU fp32, {steps} steps, {args.threads} threads"))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,11 @@ Sections:
 - nccl_steps: three train steps through the real process group (NCCL) and FSDP2 on a tiny model;
 - throughput: 8B widths (4 decoder layers, full vision tower) and 30B-A3B widths (4 decoder layers), random
   init, bf16 compute, full activation checkpointing, 16k-token packed micro-batches of images and text:
-  vlmtune vs transformers (sdpa, padded batches of the same samples, its own MoE), side by side.
+  vlmtune vs transformers (sdpa, padded batches of the same samples, its own MoE), side by side;
+- context_parallel: `bench_cp.py` at 64k tokens, per-rank activation memory and CUDA peak at cp = 1, 2, 4
+  (as many as there are GPUs: NCCL takes one per rank);
+- lora: `bench_lora.py --gpu`, full fine-tuning / LoRA / QLoRA at Qwen3-VL-8B widths (2 decoder layers, bf16):
+  CUDA peak, state bytes, step time and the first losses side by side.
 """
 
 from __future__ import annotations
@@ -50,7 +54,16 @@ import gpu_checks as checks  # noqa: E402
 import torch  # noqa: E402
 from gpu_throughput import run_transformers, run_vlmtune  # noqa: E402
 
-SECTIONS = ("pytest", "varlen", "grouped_gemm", "syncs", "nccl_steps", "throughput")
+SECTIONS = (
+    "pytest",
+    "varlen",
+    "grouped_gemm",
+    "syncs",
+    "nccl_steps",
+    "throughput",
+    "context_parallel",
+    "lora",
+)
 
 
 # -- sections ----------------------------------------------------------------------------------------------
@@ -150,6 +163,21 @@ def section_throughput(ctx) -> dict:
             if ctx["device"].type == "cuda":
                 torch.cuda.empty_cache()
     return out
+
+
+def section_context_parallel(ctx) -> dict:
+    """`bench_cp.py` at 64k tokens: per-rank activation memory at each cp size of 1, 2, 4 that the visible
+    GPUs allow (one GPU per rank; the others are listed as skipped). Dry run: its smoke sizes on gloo."""
+    import bench_cp
+
+    return bench_cp.gpu_section(ctx["dry"])
+
+
+def section_lora(ctx) -> dict:
+    """`bench_lora.py --gpu`: full / LoRA / QLoRA peak memory and step time (dry run: its smoke sizes)."""
+    import bench_lora
+
+    return bench_lora.gpu_section(ctx["dry"])
 
 
 # -- report ------------------------------------------------------------------------------------------------

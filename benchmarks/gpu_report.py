@@ -59,8 +59,21 @@ def _throughput(r: dict) -> list[str]:
     return rows
 
 
+def _context(r: dict) -> list[str]:
+    from bench_cp import table
+
+    return [*table(r).splitlines(), *[f"- skipped: {s}" for s in r.get("skipped", [])]]
+
+
+def _lora(r: dict) -> list[str]:
+    from bench_lora import table
+
+    return ["```", *table(r["modes"], r["title"]).splitlines(), "```"]
+
+
 _META = ("status", "seconds", "error")
-_TABLES = {"varlen": _varlen, "grouped_gemm": _grouped, "syncs": _syncs, "throughput": _throughput}
+_TABLES = {"varlen": _varlen, "grouped_gemm": _grouped, "syncs": _syncs, "throughput": _throughput,
+           "context_parallel": _context, "lora": _lora}  # fmt: skip
 
 
 def markdown(report: dict) -> str:

@@ -10,6 +10,8 @@ import traceback
 
 import torch.multiprocessing as mp
 
+from vlmtune.parallel.mesh import release_process_groups
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -37,6 +39,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, fn, args) -> None:
     with open(os.path.join(out_dir, f"{rank}.pkl"), "wb") as f:
         pickle.dump(result, f)
     dist.destroy_process_group()
+    release_process_groups()  # gloo's threads stop before interpreter shutdown (see its docstring)
 
 
 def run_ranks(fn, world: int, *args) -> list:

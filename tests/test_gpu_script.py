@@ -32,7 +32,8 @@ def test_gpu_script_dry_run_from_the_source_tree(tmp_path):
     report = json.loads((out / "gpu_report.json").read_text())
     assert report["environment"]["vlmtune"] == os.path.join(ROOT, "src", "vlmtune")
     sections = report["sections"]
-    assert list(sections) == ["pytest", "varlen", "grouped_gemm", "syncs", "nccl_steps", "throughput"]
+    assert list(sections) == ["pytest", "varlen", "grouped_gemm", "syncs", "nccl_steps", "throughput",
+                              "context_parallel", "lora"]  # fmt: skip
     assert all(s["status"] == "ok" for s in sections.values()), {
         k: s.get("error") for k, s in sections.items()
     }
@@ -48,3 +49,9 @@ def test_gpu_script_dry_run_from_the_source_tree(tmp_path):
         for side in ("vlmtune", "transformers"):
             assert sections["throughput"][kind][side]["tokens_per_s"] > 0, sections["throughput"][kind][side]
     assert "## throughput: ok" in (out / "gpu_report.md").read_text()
+    cp = sections["context_parallel"]["cp"]
+    assert list(cp) == ["1", "2"] and cp["2"]["saved_vs_one_rank"] < 0.6  # activations per rank ~ 1/cp
+    modes = sections["lora"]["modes"]  # full fine-tuning vs adapters: fewer trainable weights, less state
+    assert modes["lora"]["trainable"] < modes["full"]["trainable"] / 10
+    assert modes["lora"]["state"]["optimizer"] < modes["full"]["state"]["optimizer"] / 10
+    assert "## lora: ok" in (out / "gpu_report.md").read_text()

@@ -11,7 +11,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from vlmtune.infer.sampling import SamplingOptions, choose_tokens, process_logits
+from vlmtune.generation.sampling import SamplingOptions, choose_tokens, process_logits
 
 
 def reference(logits, history, opts):

@@ -239,10 +239,10 @@ def test_chat_with_adapter_equals_the_merged_model(dense_run, dense_ckpt, tmp_pa
 
 
 @pytest.mark.slow
-def test_fsdp2_tp2_and_pp2_equal_one_process(dense_run, dense_ckpt, dataset, tmp_path):
+def test_fsdp2_tp2_pp2_and_cp2_equal_one_process(dense_run, dense_ckpt, dataset, tmp_path):
     want = losses(dense_run["out"])
     pp = {"pp": 2, "llm_pp_layers": [1, 1], "vit_pp_layers": [2, 0]}
-    for name, parallel in (("fsdp2", {"dp_shard": 2}), ("tp2", {"tp": 2}), ("pp2", pp)):
+    for name, parallel in (("fsdp2", {"dp_shard": 2}), ("tp2", {"tp": 2}), ("pp2", pp), ("cp2", {"cp": 2})):
         out = tmp_path / name
         torchrun(
             out, config(out, dense_ckpt, dataset, DENSE_LORA, train={"train_iters": 2}, parallel=parallel), 2

@@ -150,7 +150,7 @@ def test_every_written_value_names_its_source_keys(entry):
         elif line.startswith("  "):
             lines[f"{section}.{line.split(':')[0].strip()}"] = line
     for m in report.mapped:
-        if m.target == "parallel.cp" and m.value == 1:  # the default, not written until issue 14
+        if m.target == "parallel.cp" and m.value == 1:  # the default: not written
             assert "parallel.cp" not in lines
             continue
         comment = lines[m.target].split("  # ", 1)[1]

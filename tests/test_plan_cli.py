@@ -136,7 +136,7 @@ def test_impossible_configured_layout_still_suggests(tmp_path, capsys):
     cfg = write_run(tmp_path)
     assert main(["plan", cfg, "--parallel.tp=3", "--gpus-per-node", "4"]) == 0
     out = capsys.readouterr().out
-    assert "configured layout cannot run: dp_replicate x tp x pp = 3 does not divide" in out
+    assert "configured layout cannot run: dp_replicate x tp x pp x cp = 3 does not divide" in out
     assert "1. " in out
 
 
@@ -242,8 +242,16 @@ def test_qlora_plan_stores_the_decoder_in_nf4_and_suggests_no_tp_or_pp(tmp_path,
     qlora = run_json(capsys, cfg, "--gpus-per-node", "4")
     assert qlora["configured"]["states"]["params"] < plain["configured"]["states"]["params"]
     assert qlora["configured"]["states"]["grads"] == plain["configured"]["states"]["grads"]
-    assert {s["layout"]["tp"] for s in plain["suggestions"]} > {1}  # LoRA alone may use tp ...
-    assert qlora["suggestions"] and all(  # ... QLoRA runs on data parallelism only
+    hw = Hardware(GPUS["h100-80g"], 1, 4, 989.0)
+    searched = {
+        quant: {(lay.tp, lay.pp) for lay in candidate_layouts(make_context(cfg_q, hw), pipeline_ok=True)}
+        for quant, cfg_q in (
+            ("none", load(cfg, ["--lora.base_quant=none"], check_paths=False)),
+            ("nf4", load(cfg, check_paths=False)),
+        )
+    }
+    assert {(2, 1), (1, 2)} <= searched["none"] and searched["nf4"] == {(1, 1)}  # NF4: no tp, no pp
+    assert qlora["suggestions"] and all(
         (s["layout"]["tp"], s["layout"]["pp"]) == (1, 1) for s in qlora["suggestions"]
     )
     assert main(["plan", cfg, "--gpus-per-node", "4"]) == 0

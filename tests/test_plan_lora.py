@@ -11,6 +11,8 @@ the same runs for real and compare:
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -67,15 +69,21 @@ STATE_RUNS = {  # the checkpoint, the lora: section of the run, the layout it ru
     "moe-ep2": ("moe", {"targets": ["all-linear", "router"]}, {"dp_shard": 2, "ep": 2}, "bf16"),
     "qlora1": ("dense", {"base_quant": "nf4"}, {}, "bf16"),
     "qlora2": ("dense", {"base_quant": "nf4", "modules_to_save": ["lm_head"]}, {"dp_shard": 2}, "bf16"),
+    "cp2": ("dense", {"vision_projector": True}, {"cp": 2}, "bf16"),  # FSDP shards over dp_shard x cp
+    "qlora-cp2": ("dense", {"base_quant": "nf4"}, {"cp": 2}, "bf16"),
 }
 
 
 def _lora_worker(rank, world, ckpt, lora, parallel, mixed_precision):
-    from test_plan import _one_step
+    """One training step of the run as the trainer builds it (context-parallel slices under cp)."""
+    from test_train_utils import pack, random_sample
+    from vlmtune.parallel.context import context_parallel
     from vlmtune.parallel.layout import ParallelConfig
     from vlmtune.parallel.mesh import init_distributed
     from vlmtune.train.build import build_sharded_model
+    from vlmtune.train.optim import build_optimizer
     from vlmtune.train.qlora import build_quantized_model
+    from vlmtune.train.step import DataParallelStep
 
     cfg = lora_config(**lora)
     args = load_config(ckpt)
@@ -83,10 +91,15 @@ def _lora_worker(rank, world, ckpt, lora, parallel, mixed_precision):
     compute = BF16 if mixed_precision == "bf16" else FP32
     setup = LoraSetup(cfg, args, seed=0, master_dtype=FP32, compute_dtype=compute)
     builder = build_quantized_model if cfg.lora.base_quant == "nf4" else build_sharded_model
+    context = context_parallel(info, args)
     root, model = builder(
-        ckpt, lambda m: TrainModule(m, 4), info, mixed_precision=mixed_precision, lora=setup
+        ckpt, lambda m: TrainModule(m, 4, 0.0, context), info, mixed_precision=mixed_precision, lora=setup
     )
-    return allocated_states(model, _one_step(model, root, rank, cfg))
+    step = DataParallelStep(root, info.device, info.dp_size, info.dp_group, "token_mean", context)
+    step.forward_backward([pack([random_sample(rank // info.parallel.cp, 18, answer=3, image=True)])])
+    optimizer = build_optimizer(model, cfg)
+    optimizer.step()
+    return allocated_states(model, optimizer)
 
 
 def predicted_lora_states(ckpt, lora, layout, precision) -> dict:
@@ -106,7 +119,7 @@ def predicted_lora_states(ckpt, lora, layout, precision) -> dict:
 @pytest.mark.parametrize("run", list(STATE_RUNS))
 def test_lora_state_bytes_are_exact(ckpts, run):
     kind, lora, parallel, mixed_precision = STATE_RUNS[run]
-    world = parallel.get("dp_shard", 1) * parallel.get("tp", 1)
+    world = math.prod(parallel.get(k, 1) for k in ("dp_shard", "tp", "cp"))
     measured = run_ranks(_lora_worker, world, ckpts[kind], lora, parallel, mixed_precision)
     precision = Precision(FP32, BF16 if mixed_precision == "bf16" else FP32, FP32)
     layout = Layout(**parallel)

@@ -31,12 +31,15 @@ def register(subparsers) -> None:
         "convert-llava",
         help="convert LLaVA-Instruct conversations to the messages format",
         description="Convert LLaVA-Instruct-150K style conversations ({id, image, conversations: [{from, value}]}) "
-        "to the messages format ({messages: [{role, content}], images: [...]}). Samples whose image is missing "
-        "are skipped and counted; an unknown role stops with the sample id.",
+        "to the messages format ({messages: [{role, content}], images: [...]}): JSON / JSONL with image paths, or "
+        "one self-contained .parquet file with the images embedded. Samples whose image is missing are skipped "
+        "and counted; an unknown role stops with the sample id.",
     )
     conv.add_argument("--input", required=True, help="LLaVA JSON list or JSONL file")
     conv.add_argument("--image-dir", required=True, help="directory the 'image' fields are relative to")
-    conv.add_argument("--output", required=True, help="output file (.json list, or .jsonl)")
+    conv.add_argument(
+        "--output", required=True, help="output file: .json list, .jsonl, or .parquet (images embedded)"
+    )
     conv.add_argument(
         "--dataset-dir",
         default=None,
@@ -51,7 +54,12 @@ def register(subparsers) -> None:
         description="Read datasets as training would and report samples, skipped samples by reason, percentiles "
         "of text and visual tokens, and packing fill / steps per epoch for a micro-batch token budget.",
     )
-    ins.add_argument("--dataset", required=True, help="comma-separated .json/.jsonl files")
+    ins.add_argument(
+        "--dataset",
+        required=True,
+        help="comma-separated .json / .jsonl / .parquet files, globs, directories of Parquet shards or "
+        "datasets.save_to_disk directories",
+    )
     ins.add_argument("--dataset-dir", default=".", help="base directory of relative media paths")
     ins.add_argument(
         "--model", required=True, help="checkpoint directory (tokenizer, chat template, preprocessor configs)"
@@ -76,6 +84,9 @@ def run_convert(args) -> int:
         f"read {s['input']} samples; wrote {s['written']} ({s['with_images']} with images, {s['text_only']} text-only) "
         f"to {s['output']}; skipped {s['skipped_missing_image']} with a missing image"
     )
+    if s["dataset_dir"] is None:
+        print(f"images are embedded in {s['output']}: it needs no data.dataset_dir")
+        return 0
     print(f"image paths are relative to {s['dataset_dir']}: set data.dataset_dir: {s['dataset_dir']}")
     if s["outside_dataset_dir"]:
         print(

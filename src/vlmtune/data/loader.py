@@ -26,6 +26,7 @@ from .config import DataConfig
 from .lengths import measure_lengths, reasons
 from .report import BadSample, SkipReport, handle_bad
 from .samples import sample_id
+from .tables import fetch_all
 
 log = logging.getLogger("vlmtune.data")
 
@@ -140,9 +141,16 @@ class _BinDataset(Dataset):
 
     def __getitem__(self, item: list[int]) -> PackedBatch:
         encoded, problems = [], []
-        for i in item:
+        try:  # table rows: read each row group once for the whole micro-batch
+            samples = fetch_all([self.samples[i] for i in item])
+        except VlmtuneError as e:
+            samples = [None] * len(item)
+            problems.append(e)
+        for i, sample in zip(item, samples):
+            if sample is None:
+                continue
             try:
-                enc = self.processor.encode(self.samples[i], self.dataset_dir)
+                enc = self.processor.encode(sample, self.dataset_dir)
             except VlmtuneError as e:
                 problems.append(e)
                 continue

@@ -4,14 +4,18 @@ Patches are rows of `C * temporal_patch_size * patch * patch` values (1536 for Q
 each 2x2 group of neighbouring patches (one merged token) is contiguous; an image repeats its frame to fill
 the temporal patch. Every size decision (`image_grid`, `video_plan`) is computed from the file header
 alone, so token counts are known before any pixel is decoded.
+
+A media source is a file path or an `Embedded` (the file's bytes, stored in the dataset itself: a Parquet /
+`datasets` row's `{"bytes", "path"}` item); both are read the same way, headers first.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -22,6 +26,27 @@ from vlmtune.errors import CheckpointError
 from .report import BadSample
 
 EXIF_ORIENTATION = 0x0112
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """A media file's bytes held by the dataset row (`name`: the row's path for it, for messages only)."""
+
+    data: bytes = field(repr=False)
+    name: str = ""
+    kind: str = "image"
+
+    def __str__(self) -> str:
+        name = f" {self.name!r}" if self.name else ""
+        return f"embedded {self.kind}{name} ({len(self.data)} bytes)"
+
+    def open(self) -> io.BytesIO:
+        return io.BytesIO(self.data)
+
+
+def _readable(source: str | Embedded):
+    """What PIL and PyAV open: the path, or a file object over the embedded bytes."""
+    return source.open() if isinstance(source, Embedded) else source
 
 
 @dataclass
@@ -185,11 +210,11 @@ def _check_shape(height: int, width: int, opts: MediaOptions, path: str, kind: s
 # ---------------------------------------------------------------------------------------------- images
 
 
-def _open_image(path: str) -> Image.Image:
-    if not os.path.isfile(path):
+def _open_image(path: str | Embedded) -> Image.Image:
+    if not isinstance(path, Embedded) and not os.path.isfile(path):
         raise BadSample("missing_image", f"image file not found: {path}")
     try:
-        return Image.open(path)
+        return Image.open(_readable(path))
     except Image.DecompressionBombError as e:
         raise BadSample("decompression_bomb", f"{path}: {e}") from None
     except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError... for broken headers
@@ -211,7 +236,7 @@ def _orientation(img: Image.Image) -> int:
         return 1
 
 
-def probe_image(path: str, opts: MediaOptions) -> tuple[int, int]:
+def probe_image(path: str | Embedded, opts: MediaOptions) -> tuple[int, int]:
     """(height, width) after EXIF orientation, read from the header only; validated."""
     with _open_image(path) as img:
         width, height = img.size
@@ -259,7 +284,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: str, opts: MediaOptions) -> tuple[torch.Tensor, tuple[int, int, int]]:
+def load_image(path: str | Embedded, opts: MediaOptions) -> tuple[torch.Tensor, tuple[int, int, int]]:
     """Decode, orient, convert, resize and patchify one image -> (patches [N, 1536], grid)."""
     with _open_image(path) as img:
         _check_shape(img.size[1], img.size[0], opts, path, "image")  # before decoding: bombs stop here
@@ -310,14 +335,14 @@ class VideoPlan:
     fps: float
 
 
-def probe_video(path: str) -> tuple[int, float, int, int]:
+def probe_video(path: str | Embedded) -> tuple[int, float, int, int]:
     """(total_frames, fps, height, width) from the container header."""
     import av
 
-    if not os.path.isfile(path):
+    if not isinstance(path, Embedded) and not os.path.isfile(path):
         raise BadSample("missing_video", f"video file not found: {path}")
     try:
-        with av.open(path) as container:
+        with av.open(_readable(path)) as container:
             if not container.streams.video:
                 raise BadSample("corrupt_video", f"{path} has no video stream")
             stream = container.streams.video[0]
@@ -355,7 +380,7 @@ def video_plan(
     )
 
 
-def load_video(path: str, opts: MediaOptions) -> tuple[torch.Tensor, VideoPlan]:
+def load_video(path: str | Embedded, opts: MediaOptions) -> tuple[torch.Tensor, VideoPlan]:
     """Decode the planned frames, resize, normalize and patchify -> (patches [N, 1536], plan)."""
     import av
 
@@ -365,7 +390,7 @@ def load_video(path: str, opts: MediaOptions) -> tuple[torch.Tensor, VideoPlan]:
     size = (plan.grid[2] * opts.patch_size, plan.grid[1] * opts.patch_size)
     frames: dict[int, np.ndarray] = {}
     try:
-        with av.open(path) as container:
+        with av.open(_readable(path)) as container:
             for i, frame in enumerate(container.decode(video=0)):
                 if i > last:
                     break

@@ -81,7 +81,10 @@ class Processor:
     def encode(
         self, sample: dict, dataset_dir: str | None = None, add_generation_prompt: bool = False
     ) -> dict:
-        """Tensors for one sample: input_ids [L], labels [L], position_ids [3, L] and any pixels/grids."""
+        """Tensors for one sample: input_ids [L], labels [L], position_ids [3, L] and any pixels/grids.
+
+        `sample`: a messages / LLaVA record (JSON, or a row exactly as pyarrow reads it from Parquet, images
+        as paths or `{"bytes", "path"}` dicts), or a `TableRow` from `load_samples`."""
         return self._build(sample, dataset_dir, add_generation_prompt, decode=True)
 
     def measure(self, sample: dict, dataset_dir: str | None = None) -> tuple[int, int]:

@@ -1,9 +1,12 @@
-"""Reading datasets: the messages ("mllm") format and LLaVA conversations, JSON list or JSONL per file.
+"""Reading datasets: the messages ("mllm") format and LLaVA conversations, from JSON list or JSONL files and
+from tables (Parquet, `datasets.save_to_disk` directories: `tables.py`).
 
 Every sample is validated here for structure (roles, content, placeholders, media paths); media headers
 are checked later when lengths are measured. Samples keep `_file` / `_where` so any later error names them.
 A file is read as bytes: a line that is not UTF-8 loses that sample only (`invalid_text`), never the file.
-Media paths must stay inside `dataset_dir` unless `restrict_media_to_dataset_dir: false`.
+Media are paths or, in tables, `{"bytes", "path"}` items (the hub's `Image` feature) whose bytes are the
+file. Media paths must stay inside `dataset_dir` unless `restrict_media_to_dataset_dir: false`.
+A table row is kept as a `TableRow` reference and read again when it is used (`to_messages` does that).
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ import re
 from vlmtune.errors import ConfigError, DataError
 
 from .config import DataConfig, split_list
+from .media import Embedded
 from .report import BadSample, SkipReport, handle_bad
+from .tables import TableRow, expand, fetch, is_table, iter_rows
 
 PLACEHOLDER = re.compile(r"(<image>|<video>)")
 LLAVA_ROLES = {
@@ -30,16 +35,37 @@ LLAVA_ROLES = {
 MESSAGE_ROLES = ("user", "assistant", "system")
 
 
-def _as_list(value, what: str) -> list[str]:
+def _as_list(value, what: str) -> list:
+    """A media field -> its items: paths, or `{"bytes", "path"}` dicts (one, or a list of them)."""
     if value is None:
         return []
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+    if isinstance(value, (str, dict)):
+        value = [value]
+    if isinstance(value, list) and all(isinstance(v, str) or _is_media_item(v) for v in value):
         return list(value)
     raise BadSample(
-        "bad_structure", f"'{what}' must be a path or a list of paths, got {type(value).__name__}"
+        "bad_structure",
+        f"'{what}' must be a path, a {{bytes, path}} item or a list of them, got {_describe(value)}",
     )
+
+
+def _is_media_item(value) -> bool:
+    """The hub's Image / Video value: `{"bytes": file bytes or None, "path": str or None}`, one of them set."""
+    if not isinstance(value, dict) or not set(value) <= {"bytes", "path"}:
+        return False
+    data, path = value.get("bytes"), value.get("path")
+    return (
+        isinstance(data, (bytes, bytearray)) or data is None
+    ) and (isinstance(path, str) or path is None) and bool(data or path)  # fmt: skip
+
+
+def _describe(value) -> str:
+    if isinstance(value, list):
+        bad = next(v for v in value if not (isinstance(v, str) or _is_media_item(v)))
+        return f"a list holding {_describe(bad)}"
+    if isinstance(value, dict):
+        return f"an object with keys {sorted(value)!r:.80} (bytes and path empty or of other types)"
+    return type(value).__name__
 
 
 def check_text(record) -> None:
@@ -63,21 +89,25 @@ def check_text(record) -> None:
 
 
 def to_messages(sample: dict, require_assistant: bool = True) -> tuple[list[dict], list[str], list[str]]:
-    """A sample in either format -> (messages [{role, content}], image paths, video paths), validated.
+    """A sample in either format -> (messages [{role, content}], images, videos), validated; media are paths
+    or `{"bytes", "path"}` items. A `TableRow` is read from its table first.
 
     Prompts for generation need no assistant turn (`require_assistant=False`)."""
+    if isinstance(sample, TableRow):
+        sample = fetch(sample)
     if not isinstance(sample, dict):
         raise BadSample("bad_structure", f"a sample must be a JSON object, got {type(sample).__name__}")
     check_text(sample)
     sid = f" (id {sample['id']!r})" if "id" in sample else ""
-    if "messages" in sample:
+    # A table has every column in every row: a column of the other layout is None there.
+    if sample.get("messages") is not None or "conversations" not in sample and "messages" in sample:
         raw, role_key, text_key, roles = sample["messages"], "role", "content", {r: r for r in MESSAGE_ROLES}
         images = _as_list(sample.get("images"), "images")
         videos = _as_list(sample.get("videos"), "videos")
     elif "conversations" in sample:
         raw, role_key, text_key, roles = sample["conversations"], "from", "value", LLAVA_ROLES
-        images = _as_list(sample.get("image", sample.get("images")), "image")
-        videos = _as_list(sample.get("video", sample.get("videos")), "video")
+        images = _as_list(_first(sample, "image", "images"), "image")
+        videos = _as_list(_first(sample, "video", "videos"), "video")
     else:
         raise BadSample("bad_structure", f"sample{sid} has neither 'messages' nor 'conversations'")
     if not isinstance(raw, list) or not raw:
@@ -112,9 +142,20 @@ def to_messages(sample: dict, require_assistant: bool = True) -> tuple[list[dict
     return messages, images, videos
 
 
-def resolve_media(path: str, dataset_dir: str | None, restrict: bool, kind: str) -> str:
-    """Path of a media file named relative to `dataset_dir` (or absolute); checks existence and, with
-    `restrict`, that it stays inside `dataset_dir` (symbolic links the user made inside it are followed)."""
+def _first(sample: dict, *keys):
+    """The first of `keys` the sample holds a value for (LLaVA files say `image` or `images`)."""
+    return next((sample[k] for k in keys if sample.get(k) is not None), None)
+
+
+def resolve_media(item, dataset_dir: str | None, restrict: bool, kind: str) -> str | Embedded:
+    """What to read a media item from: its bytes (`Embedded`), or the path of a file named relative to
+    `dataset_dir` (or absolute), checked to exist and, with `restrict`, to stay inside `dataset_dir` (symbolic
+    links the user made inside it are followed). A `{"bytes": None, "path": p}` item is the path p."""
+    if isinstance(item, dict):
+        if item.get("bytes"):
+            return Embedded(bytes(item["bytes"]), item.get("path") or "", kind)
+        item = item["path"]
+    path = item
     if "\x00" in path:
         raise BadSample("invalid_text", f"{kind} path {path!r} contains a NUL character")
     base = dataset_dir or "."
@@ -185,9 +226,12 @@ def _json_problem(e: Exception) -> str:
 def read_dataset(
     path: str, cfg: DataConfig, report: SkipReport, max_samples: int | None = None, check_media: bool = True
 ) -> list[dict]:
-    """Valid samples of one file (first `max_samples`), each tagged with `_file` and `_where`."""
+    """Valid samples of one file or table (first `max_samples`), each tagged with `_file` and `_where`; a
+    table's rows are kept as `TableRow` references."""
+    table = is_table(path)
+    records = ((f"row {n}", rec) for n, rec in iter_rows(path)) if table else read_records(path)
     samples = []
-    for where, rec in read_records(path):
+    for where, rec in records:
         if max_samples is not None and len(samples) >= max_samples:
             break
         report.read += 1
@@ -195,29 +239,41 @@ def read_dataset(
             if isinstance(rec, BadSample):
                 raise rec
             _, images, videos = to_messages(rec)
+            paths = [m for m in images + videos if isinstance(resolve_path(m), str)]
             if check_media:
-                for p in images:
-                    resolve_media(p, cfg.dataset_dir, cfg.restrict_media_to_dataset_dir, "image")
-                for p in videos:
-                    resolve_media(p, cfg.dataset_dir, cfg.restrict_media_to_dataset_dir, "video")
+                for kind, items in (("image", images), ("video", videos)):
+                    for m in items:
+                        resolve_media(m, cfg.dataset_dir, cfg.restrict_media_to_dataset_dir, kind)
         except BadSample as e:
             handle_bad(e.located(path, where), cfg.on_bad_sample, report)
             continue
-        samples.append({**rec, "_file": path, "_where": where})
+        if table:
+            ref = TableRow(_file=path, _where=where, _row=int(where[4:]))
+            if paths:
+                ref["_media"] = [resolve_path(m) for m in paths]
+            samples.append(ref)
+        else:
+            samples.append({**rec, "_file": path, "_where": where})
     return samples
 
 
-def locate_dataset(path: str, dataset_dir: str) -> str:
-    if os.path.isdir(path):
-        raise DataError(f"data.dataset {path!r} is a directory; name the .json / .jsonl files in it")
-    if os.path.isfile(path):
-        return path
-    alt = os.path.join(dataset_dir, path)
-    if os.path.isfile(alt):
-        return alt
-    raise DataError(
-        f"dataset file not found: tried {path!r} and {alt!r}; check data.dataset / data.dataset_dir"
-    )
+def resolve_path(item) -> str | None:
+    """The path a media item names when it is not embedded (None for embedded bytes)."""
+    if isinstance(item, str):
+        return item
+    return None if item.get("bytes") else item.get("path")
+
+
+def read_entry(name: str, cfg: DataConfig, report: SkipReport) -> list[dict]:
+    """Samples of one `data.dataset` entry: a file, a glob or a directory of shards (`max_samples` counts
+    over all of them), or a `save_to_disk` directory."""
+    samples: list[dict] = []
+    for path in expand(name, cfg.dataset_dir):
+        left = None if cfg.max_samples is None else cfg.max_samples - len(samples)
+        if left == 0:
+            break
+        samples.extend(read_dataset(path, cfg, report, left))
+    return samples
 
 
 def _mix(samples: list[dict], ratio: float, rng: random.Random) -> list[dict]:
@@ -234,20 +290,23 @@ def load_samples(
     """(train, validation, skip report) for a DataConfig; shuffling, mixing and the validation split are
     deterministic from `seed` (the run's `train.seed`). Skips are added to `report` when given."""
     if not cfg.dataset:
-        raise ConfigError("data.dataset is empty: give one or more comma-separated .json/.jsonl files")
+        raise ConfigError(
+            "data.dataset is empty: give one or more comma-separated .json / .jsonl / .parquet files, globs or "
+            "directories"
+        )
     if not os.path.isdir(cfg.dataset_dir or "."):
         raise DataError(f"data.dataset_dir {cfg.dataset_dir!r} is not a directory")
     report = SkipReport() if report is None else report
     rng = random.Random(seed)
     train: list[dict] = []
     for k, name in enumerate(cfg.dataset):
-        part = read_dataset(locate_dataset(name, cfg.dataset_dir), cfg, report, cfg.max_samples)
+        part = read_entry(name, cfg, report)
         if cfg.mix_ratios is not None:
             part = _mix(part, cfg.mix_ratios[k], rng)
         train.extend(part)
     val: list[dict] = []
     for name in split_list(cfg.val_dataset):
-        val.extend(read_dataset(locate_dataset(name, cfg.dataset_dir), cfg, report, cfg.max_samples))
+        val.extend(read_entry(name, cfg, report))
     if cfg.shuffle:
         rng.shuffle(train)
     if cfg.val_ratio > 0:

@@ -1,11 +1,14 @@
 """Inference: KV-cache generation, evaluation, chat, and model loading for `vlmtune chat` / `vlmtune eval`."""
 
-from .cache import KVCache
+from vlmtune.generation.answers import normalize_answer, reference_answer
+from vlmtune.generation.batched import generate_batched
+from vlmtune.generation.cache import KVCache
+from vlmtune.generation.generate import Step, generate, left_pad, stream
+from vlmtune.generation.sampling import SamplingOptions
+
 from .chat import ChatSession
-from .evaluate import evaluate, normalize_answer, reference_answer
-from .generate import Step, generate, left_pad, stream
+from .evaluate import evaluate
 from .load import load_model, stop_token_ids
-from .sampling import SamplingOptions
 
 __all__ = [
     "ChatSession",
@@ -14,6 +17,7 @@ __all__ = [
     "Step",
     "evaluate",
     "generate",
+    "generate_batched",
     "left_pad",
     "load_model",
     "normalize_answer",

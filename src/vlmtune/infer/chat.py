@@ -1,5 +1,6 @@
 """A multi-turn conversation with the model: messages-format history, images/videos attached to user turns,
-answers streamed as text."""
+answers streamed as text. The KV cache of earlier turns is kept: a turn prefills only its new tokens
+(`generation/conversation.py`)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ from collections.abc import Callable
 
 import torch
 
-from .generate import GREEDY, stream
+from vlmtune.generation.conversation import ConversationCache
+from vlmtune.generation.generate import GREEDY, stream
+from vlmtune.generation.sampling import SamplingOptions
+
 from .load import stop_token_ids
-from .sampling import SamplingOptions
 
 
 class TextStream:
@@ -35,7 +38,8 @@ class TextStream:
 
 class ChatSession:
     """`ask()` appends a user turn, generates the answer from the whole conversation, and keeps it as the
-    assistant turn for the next question. `reset()` starts over (keeping the system prompt)."""
+    assistant turn for the next question. `reset()` starts over (keeping the system prompt).
+    `reuse_cache=False` prefills the whole conversation every turn (the answers are the same)."""
 
     def __init__(
         self,
@@ -47,6 +51,7 @@ class ChatSession:
         sampling: SamplingOptions = GREEDY,
         eos_token_ids: list[int] | None = None,
         generator: torch.Generator | None = None,
+        reuse_cache: bool = True,
     ):
         self.model = model
         self.processor = processor
@@ -58,12 +63,17 @@ class ChatSession:
         )
         self.options = dict(max_new_tokens=max_new_tokens, sampling=sampling)
         self.generator = generator
+        self.conversation = ConversationCache(
+            image_token_id=processor.image_token_id, video_token_id=processor.video_token_id
+        ) if reuse_cache else None  # fmt: skip
         self.reset()
 
     def reset(self) -> None:
         self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
         self.images: list[str] = []
         self.videos: list[str] = []
+        if self.conversation is not None:
+            self.conversation.reset()
 
     def sample(self) -> dict:
         out = {"messages": list(self.messages)}
@@ -95,13 +105,26 @@ class ChatSession:
             raise
         out = TextStream(self.processor.tokenizer)
         stop = set(self.eos_token_ids)
-        for step in stream(self.model, encoded, eos_token_ids=stop, generator=self.generator, **self.options):
+        chosen = []
+        for step in self._stream(encoded, stop):
             token = int(step.tokens[0])
+            chosen.append(token)
             if token in stop:
                 break
             piece = out.push(token)
             if piece and on_text is not None:
                 on_text(piece)
+        if self.conversation is not None:  # every chosen token but the last went through the model
+            self.conversation.record(self._prefilled + chosen[:-1])
         answer = out.text()
         self.messages.append({"role": "assistant", "content": answer})
         return answer
+
+    def _stream(self, encoded: dict, stop: set[int]):
+        """Generation steps for the encoded conversation, continuing the cache of the earlier turns."""
+        options = dict(eos_token_ids=stop, generator=self.generator, **self.options)
+        if self.conversation is None:
+            return stream(self.model, encoded, **options)
+        batch, history = self.conversation.split(encoded)
+        self._prefilled = batch["input_ids"].tolist()
+        return stream(self.model, batch, cache=self.conversation.cache, history=history, **options)

@@ -11,12 +11,13 @@ import torch
 
 from vlmtune.data import DataConfig, build_processor, load_samples
 from vlmtune.errors import ConfigError, DataError, VlmtuneError
+from vlmtune.generation.answers import DEFAULT_METRICS, METRICS, check_metrics
+from vlmtune.generation.sampling import SamplingOptions
 from vlmtune.options import cli_number
 
 from .chat import ChatSession
 from .evaluate import evaluate
 from .load import load_model, pick_device, processor_dir
-from .sampling import SamplingOptions
 
 POSITIVE = cli_number(int, low=1)
 HELP_MODEL = "Hugging Face checkpoint directory, or a training checkpoint directory from `vlmtune train`"
@@ -66,21 +67,28 @@ def register(subparsers) -> None:
         help="penalise seen tokens (1 = off)",
     )  # fmt: skip
     chat.add_argument("--seed", type=cli_number(int, low=0), default=None, help="random seed for sampling")
+    _template_args(chat, system=False)
     chat.set_defaults(func=run_chat)
 
+    _register_eval(subparsers)
+
+
+def _register_eval(subparsers) -> None:
     ev = subparsers.add_parser(
         "eval",
         help="loss / perplexity over assistant tokens, optionally answer accuracy, as a JSON report",
         description=(
-            "Token-mean loss and perplexity over the assistant tokens of a dataset (messages or LLaVA format). "
-            "With --generate, the assistant turn after each sample's last user turn is the reference: the "
-            "model answers the conversation up to that user turn (greedy) and exact-match / contains-match "
-            "accuracy is reported "
-            "(lower-cased, whitespace and trailing punctuation normalised)."
+            "Token-mean loss and perplexity over the assistant tokens of a dataset (messages or LLaVA format; "
+            "JSON, JSONL, Parquet or a datasets.save_to_disk directory). With --generate, the assistant turn "
+            "after each sample's last user turn is the reference: the model answers the conversation up to that "
+            "user turn (greedy, --batch-size prompts at a time, sorted by length) and --metrics are reported "
+            "(on lower-cased answers, whitespace and trailing punctuation normalised)."
         ),
     )
     _model_args(ev)
-    ev.add_argument("--dataset", required=True, help="comma-separated JSON / JSONL files")
+    ev.add_argument(
+        "--dataset", required=True, help="comma-separated JSON / JSONL / Parquet files, globs or directories"
+    )
     ev.add_argument("--dataset-dir", default=".", help="base directory for relative media paths (.)")
     ev.add_argument(
         "--max-samples", type=POSITIVE, default=None, metavar="N", help="first N samples of each dataset"
@@ -93,13 +101,43 @@ def register(subparsers) -> None:
         "--batch-size", type=POSITIVE, default=8, metavar="N", help="prompts generated together (8)"
     )
     ev.add_argument(
+        "--metrics", type=_metric_list, default=list(DEFAULT_METRICS), metavar="M,M",
+        help=f"answer metrics with --generate, comma-separated: {', '.join(METRICS)} (default exact,contains)",
+    )  # fmt: skip
+    ev.add_argument(
         "--on-bad-sample",
         choices=["skip", "error"],
         default="skip",
         help="skip unusable samples and report them (default) or stop at the first",
     )
     ev.add_argument("--json", metavar="OUT", help="write the report (with per-sample predictions) here")
+    _template_args(ev, system=True)
     ev.set_defaults(func=run_eval)
+
+
+def _template_args(p: argparse.ArgumentParser, *, system: bool) -> None:
+    """Options of the chat template: `--enable-thinking` and (eval; chat has its own) `--system`."""
+    p.add_argument(
+        "--enable-thinking", action=argparse.BooleanOptionalAction, default=None,
+        help="passed to the chat template as enable_thinking (Qwen3 thinking templates; default: the template's)",
+    )  # fmt: skip
+    if system:
+        p.add_argument("--system", metavar="TEXT", help="system prompt for samples that have none")
+
+
+def _processor_options(args) -> dict:
+    """build_processor options from `_template_args`."""
+    options = {"enable_thinking": args.enable_thinking}
+    if getattr(args, "func", None) is run_eval:
+        options["system_prompt"] = args.system
+    return options
+
+
+def _metric_list(text: str) -> list[str]:
+    try:
+        return check_metrics([m.strip() for m in text.split(",") if m.strip()])
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -116,7 +154,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def _load(args):
     model = load_model(args.model, dtype=args.dtype, device=pick_device(args.device), adapter=args.adapter)
-    processor = build_processor(args.processor or processor_dir(model, args.model))
+    processor = build_processor(
+        args.processor or processor_dir(model, args.model), **_processor_options(args)
+    )
     return model, processor
 
 
@@ -208,6 +248,7 @@ def run_eval(args) -> int:
         generate=args.generate,
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
+        metrics=args.metrics,
         progress=True,
         on_bad_sample=args.on_bad_sample,
     )
@@ -221,7 +262,7 @@ def run_eval(args) -> int:
         f"samples {report['n']}  tokens {report['tokens']}  loss {report['loss']:.4f}  ppl {report['ppl']:.3f}"
     )
     if args.generate:
-        print(f"exact_match {report['exact_match']:.4f}  contains_match {report['contains_match']:.4f}")
+        print("  ".join(f"{METRICS[m][1]} {report[METRICS[m][1]]:.4f}" for m in args.metrics))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

@@ -1,10 +1,10 @@
 """Evaluation on messages-format samples: token-mean loss and perplexity over the assistant tokens, and
-optionally exact-match / contains-match accuracy of generated short answers against the reference."""
+optionally generated short answers scored against the reference (`generation/answers.py`: exact match,
+contains match, token F1), generated in length-sorted, left-padded batches."""
 
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 import torch.nn.functional as F
@@ -13,38 +13,11 @@ from tqdm import tqdm
 from vlmtune.constants import IGNORE_INDEX
 from vlmtune.data.batch import MEDIA_KEYS
 from vlmtune.data.report import BadSample
-from vlmtune.data.samples import to_messages
 from vlmtune.errors import DataError
+from vlmtune.generation.answers import DEFAULT_METRICS, check_metrics, reference_answer, score, summarize
+from vlmtune.generation.batched import generate_batched
 
-from .generate import generate as generate_tokens
-from .generate import left_pad
 from .load import pad_token_id, stop_token_ids
-
-_THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
-_TRAILING_PUNCT = ".!?,;:。！？"
-
-
-def normalize_answer(text: str) -> str:
-    """Lower case, no reasoning block, single spaces, no surrounding quotes or trailing punctuation."""
-    text = _THINK.sub("", text)
-    text = " ".join(text.split()).lower()
-    return text.strip().strip("\"'").rstrip(_TRAILING_PUNCT).strip()
-
-
-def reference_answer(sample: dict, where: str = "sample") -> str:
-    """The answer to the sample's last user turn (the assistant turn after it), in either dataset format.
-
-    The prompt for that answer is what `processor.encode(sample, add_generation_prompt=True)` builds: the
-    conversation up to and including the last user turn.
-    """
-    messages, _, _ = to_messages(sample)
-    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
-    answers = [
-        m for m in messages[(last_user + 1 if last_user is not None else 0) :] if m["role"] == "assistant"
-    ]
-    if last_user is None or not answers:
-        raise DataError(f"{where}: no assistant turn after the last user turn to use as the reference answer")
-    return answers[0]["content"]
 
 
 @torch.no_grad()
@@ -81,21 +54,24 @@ def evaluate(
     generate: bool = False,
     max_new_tokens: int = 32,
     batch_size: int = 8,
+    metrics=DEFAULT_METRICS,
     eos_token_ids: list[int] | None = None,
     progress: bool = False,
     on_bad_sample: str = "error",
 ) -> dict:
     """Token-mean loss over every sample's assistant tokens (and `ppl = exp(loss)`); with `generate`, greedy
-    answers to each sample's prompt (the conversation up to its last user turn) scored against the assistant
-    turn after it: `exact_match` (normalised strings equal) and `contains_match` (normalised reference inside
-    the answer). Returns `n`, `tokens`, `loss`, `ppl` and, with `generate`, the two accuracies and
-    per-sample `predictions`. `on_bad_sample="skip"` leaves out samples the processor rejects (a corrupt
-    image, ...) and lists them under `skipped`; "error" raises.
+    answers to each sample's prompt (the conversation up to its last user turn), `batch_size` prompts at a
+    time (sorted by length, left-padded: the answers equal one-at-a-time generation), scored against the
+    assistant turn after it with `metrics` (`exact` -> `exact_match`, `contains` -> `contains_match`, `f1`).
+    Returns `n`, `tokens`, `loss`, `ppl` and, with `generate`, each metric's mean and per-sample
+    `predictions`. `on_bad_sample="skip"` leaves out samples the processor rejects (a corrupt image, ...)
+    and lists them under `skipped`; "error" raises.
     """
     if on_bad_sample not in ("skip", "error"):
         raise ValueError(f"on_bad_sample must be 'skip' or 'error', got {on_bad_sample!r}")
     if not samples:
         raise ValueError("evaluate: no samples")
+    metrics = check_metrics(metrics)
     total, tokens, good, skipped = 0.0, 0, [], []
     for i, sample in enumerate(tqdm(samples, desc="eval loss", disable=not progress, unit="sample")):
         try:
@@ -118,50 +94,45 @@ def evaluate(
     if skipped:
         report["skipped"] = skipped
     if generate:
-        report.update(
-            _answer_accuracy(
-                model, processor, good, dataset_dir, max_new_tokens, batch_size, eos_token_ids, progress
-            )
+        eos = eos_token_ids
+        eos = (
+            eos
+            if eos is not None
+            else stop_token_ids(processor.tokenizer, getattr(model, "source_dir", None))
         )
+        predictions = answer_samples(
+            model, processor, good, dataset_dir=dataset_dir, max_new_tokens=max_new_tokens,
+            batch_size=batch_size, eos_token_ids=eos, metrics=metrics, progress=progress,
+        )  # fmt: skip
+        report.update(summarize(predictions, metrics))
+        report["predictions"] = predictions
     return report
 
 
-def _answer_accuracy(model, processor, samples, dataset_dir, max_new_tokens, batch_size, eos_ids, progress):
+def answer_samples(
+    model,
+    processor,
+    samples,
+    *,
+    dataset_dir,
+    max_new_tokens,
+    batch_size,
+    eos_token_ids,
+    metrics,
+    progress=False,
+) -> list[dict]:
+    """Greedy answers to every sample's prompt, each scored against its reference (`score`)."""
+    refs = [reference_answer(s, where=_where(s, i)) for i, s in enumerate(samples)]
+    prompts = [processor.encode(s, dataset_dir=dataset_dir, add_generation_prompt=True) for s in samples]
+    with tqdm(total=len(samples), desc="eval generate", disable=not progress, unit="sample") as bar:
+        outs = generate_batched(
+            model, prompts, batch_size=batch_size, pad_token_id=pad_token_id(processor.tokenizer),
+            max_new_tokens=max_new_tokens, eos_token_ids=eos_token_ids,
+        )  # fmt: skip
+        bar.update(len(samples))
     tokenizer = processor.tokenizer
-    eos_ids = (
-        eos_ids if eos_ids is not None else stop_token_ids(tokenizer, getattr(model, "source_dir", None))
-    )
-    pad = pad_token_id(tokenizer)
-    predictions = []
-    bar = tqdm(total=len(samples), desc="eval generate", disable=not progress, unit="sample")
-    for start in range(0, len(samples), batch_size):
-        chunk = samples[start : start + batch_size]
-        prompts, refs = [], []
-        for j, sample in enumerate(chunk):
-            refs.append(reference_answer(sample, where=_where(sample, start + j)))
-            prompts.append(processor.encode(sample, dataset_dir=dataset_dir, add_generation_prompt=True))
-        outs = generate_tokens(
-            model, left_pad(prompts, pad), max_new_tokens=max_new_tokens, eos_token_ids=eos_ids
-        )
-        for ref, out in zip(refs, outs):
-            text = tokenizer.decode(out, skip_special_tokens=True).strip()
-            pred, gold = normalize_answer(text), normalize_answer(ref)
-            predictions.append(
-                {
-                    "reference": ref,
-                    "prediction": text,
-                    "exact": pred == gold,
-                    "contains": bool(gold) and gold in pred,
-                }
-            )
-        bar.update(len(chunk))
-    bar.close()
-    n = len(predictions)
-    return {
-        "exact_match": sum(p["exact"] for p in predictions) / n,
-        "contains_match": sum(p["contains"] for p in predictions) / n,
-        "predictions": predictions,
-    }
+    texts = [tokenizer.decode(out, skip_special_tokens=True).strip() for out in outs]
+    return [score(text, ref, metrics) for text, ref in zip(texts, refs)]
 
 
 def _where(sample: dict, index: int) -> str:

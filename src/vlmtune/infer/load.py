@@ -1,9 +1,8 @@
-"""Loading a model for inference from a Hugging Face directory or a training checkpoint, and the token ids
-generation needs from its tokenizer files."""
+"""Loading a model for inference from a Hugging Face directory or a training checkpoint (the token ids
+generation needs from its tokenizer files are in `generation/tokens.py`)."""
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
@@ -11,6 +10,9 @@ import torch
 from vlmtune.checkpoint import load_model_from_checkpoint, load_pretrained
 from vlmtune.checkpoint.peft import load_adapter
 from vlmtune.errors import CheckpointError, ConfigError
+from vlmtune.generation.tokens import pad_token_id, stop_token_ids
+
+__all__ = ["is_hf_dir", "load_model", "pad_token_id", "pick_device", "processor_dir", "stop_token_ids"]
 
 
 def _dtype(dtype) -> torch.dtype | None:
@@ -90,36 +92,3 @@ def processor_dir(model, model_path) -> str:
         f"{model_path}: no tokenizer files found with the model; pass --processor DIR "
         "(a Hugging Face directory with tokenizer_config.json and preprocessor_config.json)"
     )
-
-
-def stop_token_ids(tokenizer, model_dir: str | None = None) -> list[int]:
-    """Tokens that end an answer: the tokenizer's eos, `<|im_end|>`, and `generation_config.json`'s eos."""
-    ids = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
-        ids.add(im_end)
-    file = os.path.join(model_dir, "generation_config.json") if model_dir else None
-    if file and os.path.isfile(file):
-        try:
-            with open(file, encoding="utf-8") as f:
-                eos = json.load(f).get("eos_token_id")
-        except (OSError, ValueError, AttributeError) as e:
-            raise CheckpointError(
-                f"{file}: unreadable ({e}); copy it again from the base checkpoint"
-            ) from None
-        eos = [eos] if isinstance(eos, int) else (eos or [])
-        if not isinstance(eos, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in eos):
-            raise CheckpointError(f"{file}: eos_token_id must be a token id or a list of them, got {eos!r}")
-        ids.update(eos)
-    if not ids:
-        raise CheckpointError(
-            "the tokenizer defines no eos token and <|im_end|> is unknown; cannot tell where answers end"
-        )
-    return sorted(ids)
-
-
-def pad_token_id(tokenizer) -> int:
-    pad = tokenizer.pad_token_id
-    return int(pad if pad is not None else tokenizer.eos_token_id)

@@ -30,14 +30,14 @@ from vlmtune.checkpoint.dcp import HF_ASSETS, resolve
 from vlmtune.checkpoint.hf import load_pretrained, load_weights, save_pretrained
 from vlmtune.data import build_processor
 from vlmtune.errors import CheckpointError, ConfigError, ParallelError
+from vlmtune.generation.generate import MEDIA_KEYS, stream
 from vlmtune.models.qwen3_vl import Qwen3VL, build_model, load_config, materialize
 from vlmtune.parallel.collectives import barrier, broadcast_object
 from vlmtune.parallel.expert import apply_expert_parallel
 from vlmtune.parallel.layout import ParallelConfig
-from vlmtune.parallel.mesh import init_distributed
+from vlmtune.parallel.mesh import close_distributed, init_distributed
 from vlmtune.parallel.tensor import apply_tensor_parallel
 
-from .generate import MEDIA_KEYS, stream
 from .load import is_hf_dir, load_model, pad_token_id
 from .verify_compare import Tolerance, compare_checkpoints, compare_records, token_mean_loss
 from .verify_inputs import BATCH_KINDS, Case, build_cases, synthetic_samples, user_samples, write_media
@@ -291,7 +291,7 @@ def verify(opts: VerifyOptions) -> dict | None:
             _free()
             barrier()
             if owned:
-                dist.destroy_process_group()
+                close_distributed()
             if not rank0:
                 return None
         checks = _one_process_checks(opts, hf_dir, cases, pad, work, info is not None)

@@ -17,8 +17,7 @@ from PIL import Image
 
 from vlmtune.constants import IGNORE_INDEX as IGNORE
 from vlmtune.data.batch import pack
-
-from .generate import left_pad
+from vlmtune.generation.generate import left_pad
 
 # (kind, user turn, assistant turn, images, videos): media are names of the files `write_media` draws.
 SYNTHETIC = (

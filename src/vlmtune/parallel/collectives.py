@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
@@ -70,6 +71,15 @@ def all_to_all_rows(x: torch.Tensor, out_splits: list[int], in_splits: list[int]
     group = group if group is not None else dist.group.WORLD
     out = all_to_all_single_autograd(x.contiguous(), out_splits, in_splits, group)
     return out.wait() if hasattr(out, "wait") else out  # AsyncCollectiveTensor
+
+
+def all_reduce_autograd(tensor: torch.Tensor, group) -> torch.Tensor:
+    """Differentiable sum over `group` (a new tensor): the backward sums the gradients of every rank's copy,
+    so each rank's input gets the gradient of the total loss (context parallelism's router statistics)."""
+    if not dist.is_initialized():
+        return tensor
+    check_device(tensor, group)
+    return dist_nn.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
 
 
 def barrier(group=None) -> None:

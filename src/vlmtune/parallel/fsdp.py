@@ -24,6 +24,7 @@ from vlmtune.models.qwen3_vl import Qwen3VL
 from vlmtune.models.qwen3_vl.attention import CoreAttention
 from vlmtune.models.qwen3_vl.moe import SparseMoE
 
+from .context import apply_context_parallel
 from .expert import apply_expert_parallel
 
 AC_MODES = ("none", "selective", "every_other", "full")
@@ -123,6 +124,10 @@ def apply_fsdp(
             fully_shard(experts, mesh=expert_mesh, reshard_after_forward=reshard, **kw)
             if expert_divide_factor is not None:
                 experts.set_gradient_divide_factor(expert_divide_factor)
+                # A custom factor is a PREMUL_SUM reduce-scatter, which gloo lacks (experts sharded over
+                # dp_shard x cp): sum, then divide the shard. (torch >= 2.12 has the switch; NCCL needs none.)
+                if hasattr(experts, "set_force_sum_reduction_for_comms"):
+                    experts.set_force_sum_reduction_for_comms(True)
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard, **kw)
     for module, reshard in _own_units(model, root):
         fully_shard(module, mesh=mesh, reshard_after_forward=reshard, **kw)
@@ -160,14 +165,17 @@ def parallelize(
     compile: bool = False,
     ignored_params: set | None = None,
 ) -> None:
-    """Expert parallelism -> activation checkpointing -> `torch.compile` per block (`compile`; inductor on
-    CUDA, the eager backend elsewhere: a check that every block traces, no speed-up) -> FSDP over the
-    data-parallel ranks, on a meta model (`info`: the DistInfo of `parallel.mesh.init_distributed`). bf16
-    compute reduces gradients in fp32, otherwise in the master dtype."""
+    """Expert parallelism -> activation checkpointing -> context parallelism (`parallel.cp`) ->
+    `torch.compile` per block (`compile`; inductor on CUDA, the eager backend elsewhere: a check that every
+    block traces, no speed-up) -> FSDP over the data- and context-parallel ranks, on a meta model (`info`:
+    the DistInfo of `parallel.mesh.init_distributed`). bf16 compute reduces gradients in fp32, otherwise in
+    the master dtype."""
     ep = info.parallel.ep > 1
     if ep:
         apply_expert_parallel(model, info.mesh["ep"])
     apply_activation_checkpointing(model, activation_checkpointing)
+    if info.parallel.cp > 1:  # after checkpointing: `selective` then recomputes the kernel, not the exchange
+        apply_context_parallel(model, info.mesh["cp"])
     if compile:
         apply_compile(model, backend="inductor" if info.device.type == "cuda" else "eager")
     compute = torch.bfloat16 if mixed_precision == "bf16" else dtype
@@ -179,6 +187,6 @@ def parallelize(
         param_dtype=compute,
         reduce_dtype=reduce,
         expert_mesh=info.expert_fsdp_mesh if ep else None,
-        expert_divide_factor=float(info.dp_size) if ep else None,
+        expert_divide_factor=float(info.grad_ranks) if ep else None,
         ignored_params=ignored_params,
     )

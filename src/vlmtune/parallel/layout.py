@@ -1,12 +1,15 @@
 """The `parallel:` section: sizes of every dimension, validated against the world and the model, and the one
 DeviceMesh they describe.
 
-World = pp x dp_replicate x dp_shard x tp. Expert parallelism borrows from data parallelism: the dp_shard
-ranks split into (dp_shard / ep, ep); experts are sharded over `ep` and FSDP-sharded over the rest, every
-other parameter is FSDP-sharded over all of dp_shard (HSDP when dp_replicate > 1).
+World = pp x dp_replicate x dp_shard x cp x tp. Expert parallelism borrows from data parallelism: the
+dp_shard ranks split into (dp_shard / ep, ep); experts are sharded over `ep` and FSDP-sharded over the rest,
+every other parameter is FSDP-sharded over all of dp_shard (HSDP when dp_replicate > 1). Context parallel
+ranks share one row (same data) but hold different tokens, so FSDP also shards over them (`dp_shard_cp`).
 
-Mesh dimension names: "pp", "dp_replicate", "dp_shard_mod_ep", "ep", "tp", plus the flattened "dp_shard"
-(dp_shard_mod_ep x ep) and "dp" (every data-parallel rank: loss normalisers are reduced over it).
+Mesh dimension names: "pp", "dp_replicate", "dp_shard_mod_ep", "cp", "ep", "tp", plus the flattened
+"dp_shard" (dp_shard_mod_ep x ep), "dp" (every data shard: the loader and the loss normalisers), "dp_cp"
+(dp x cp: every rank holding part of a step's loss), "dp_shard_cp" (FSDP of non-expert weights) and
+"dp_shard_mod_ep_cp" (FSDP of experts).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from vlmtune.errors import ParallelError
 from vlmtune.models.qwen3_vl import ModelArgs
 from vlmtune.options import option as _f
 
+from .context import validate_context_parallel
 from .expert import validate_expert_parallel
 from .pipeline import plan_stages
 from .tensor import validate_tensor_parallel
@@ -31,6 +35,7 @@ class ParallelConfig:
     tp: int = _f(1, "tensor parallel size (attention heads, intermediate units, vocabulary)")
     pp: int = _f(1, "pipeline parallel size (stages cut by llm_pp_layers)")
     ep: int = _f(1, "expert parallel size (MoE); divides dp_shard and the number of experts")
+    cp: int = _f(1, "context parallel size: each packed row split over cp ranks (Ulysses; long videos)")
     llm_pp_layers: list = _f([], "decoder layers per pipeline stage, e.g. [6, 10, 10, 10]")
     vit_pp_layers: list = _f(
         [], "vision blocks per stage from the first, e.g. [27, 0, 0, 0] or [10, 17, 0, 0]"
@@ -49,19 +54,19 @@ def _ways(n: int) -> str:
 
 def resolve(cfg: ParallelConfig, world_size: int, args: ModelArgs | None = None) -> ParallelConfig:
     """Fill dp_shard=-1 and check every size; errors say which sizes would work."""
-    for name in ("dp_replicate", "tp", "pp", "ep"):
+    for name in ("dp_replicate", "tp", "pp", "ep", "cp"):
         if getattr(cfg, name) < 1:
             raise ParallelError(f"parallel.{name} must be >= 1, got {getattr(cfg, name)}")
-    fixed = cfg.dp_replicate * cfg.tp * cfg.pp
+    fixed = cfg.dp_replicate * cfg.tp * cfg.pp * cfg.cp
     if world_size % fixed:
         raise ParallelError(
-            f"dp_replicate x tp x pp = {fixed} does not divide the world size {world_size}; "
+            f"dp_replicate x tp x pp x cp = {fixed} does not divide the world size {world_size}; "
             f"their product must be one of {_ways(world_size)}"
         )
     dp_shard = world_size // fixed if cfg.dp_shard == -1 else cfg.dp_shard
     if fixed * dp_shard != world_size:
         raise ParallelError(
-            f"dp_replicate {cfg.dp_replicate} x dp_shard {dp_shard} x tp {cfg.tp} x pp {cfg.pp} = "
+            f"dp_replicate {cfg.dp_replicate} x dp_shard {dp_shard} x tp {cfg.tp} x pp {cfg.pp} x cp {cfg.cp} = "
             f"{fixed * dp_shard}, but {world_size} processes were launched; set parallel.dp_shard: -1 or "
             f"{world_size // fixed}"
         )
@@ -73,6 +78,7 @@ def resolve(cfg: ParallelConfig, world_size: int, args: ModelArgs | None = None)
     if cfg.pp_schedule not in ("1f1b", "interleaved"):
         raise ParallelError(f"parallel.pp_schedule must be '1f1b' or 'interleaved', got {cfg.pp_schedule!r}")
     out = ParallelConfig(**{**cfg.__dict__, "dp_shard": dp_shard})
+    validate_context_parallel(out.cp, out.tp, out.pp, args)
     if args is not None:
         if out.tp > 1:
             validate_tensor_parallel(args, out.tp)
@@ -128,16 +134,33 @@ class LayoutMesh:
 
 def build_mesh(cfg: ParallelConfig, device_type: str) -> LayoutMesh:
     """The DeviceMesh of a resolved config (see the module docstring for the dimension names)."""
-    names = ("pp", "dp_replicate", "dp_shard_mod_ep", "ep", "tp")
-    shape = (cfg.pp, cfg.dp_replicate, cfg.dp_shard // cfg.ep, cfg.ep, cfg.tp)
+    # cp sits between dp_shard_mod_ep and ep so that the FSDP meshes (dp_shard_mod_ep x cp [x ep]) are
+    # contiguous dimensions ahead of ep and tp: DTensor flattens a 2-D (FSDP, ep or tp) mesh only then.
+    names = ("pp", "dp_replicate", "dp_shard_mod_ep", "cp", "ep", "tp")
+    shape = (cfg.pp, cfg.dp_replicate, cfg.dp_shard // cfg.ep, cfg.cp, cfg.ep, cfg.tp)
     root = init_device_mesh(device_type, shape, mesh_dim_names=names)
     flat = {
         "dp_shard": root["dp_shard_mod_ep", "ep"]._flatten("dp_shard"),
         "dp": root["dp_replicate", "dp_shard_mod_ep", "ep"]._flatten("dp"),
+        **_context_meshes(root),
     }
     if cfg.dp_replicate > 1:
-        # HSDP: replicate over dp_replicate, shard over dp_shard (the ep ranks included).
-        flat["hsdp"] = flat["dp"]._unflatten(
-            0, (cfg.dp_replicate, cfg.dp_shard), ("dp_replicate", "dp_shard")
+        # HSDP: replicate over dp_replicate, shard over dp_shard x cp (the ep ranks included).
+        shards = cfg.dp_shard * cfg.cp
+        flat["hsdp"] = flat["dp_cp"]._unflatten(
+            0, (cfg.dp_replicate, shards), ("dp_replicate", "dp_shard_cp")
+        )
+        experts = root["dp_replicate", "dp_shard_mod_ep", "cp"]._flatten("expert_dp")
+        flat["expert_hsdp"] = experts._unflatten(
+            0, (cfg.dp_replicate, shards // cfg.ep), ("dp_replicate", "dp_shard_mod_ep_cp")
         )
     return LayoutMesh(root, flat)
+
+
+def _context_meshes(root) -> dict:
+    """The flattened meshes that include cp (the same ranks as their cp-free names when cp is 1)."""
+    return {
+        "dp_cp": root["dp_replicate", "dp_shard_mod_ep", "cp", "ep"]._flatten("dp_cp"),
+        "dp_shard_cp": root["dp_shard_mod_ep", "cp", "ep"]._flatten("dp_shard_cp"),
+        "dp_shard_mod_ep_cp": root["dp_shard_mod_ep", "cp"]._flatten("dp_shard_mod_ep_cp"),
+    }

@@ -27,11 +27,13 @@ def _chunk_ce(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) 
 def chunked_token_losses(
     hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, chunk_size: int
 ) -> torch.Tensor:
-    """Per-token cross-entropy `[n]` (fp32) of `hidden [n, D]` against `target [n]` through `weight [V, D]`."""
-    if hidden.shape[0] == 0:
-        return hidden.new_zeros(0, dtype=torch.float32)
+    """Per-token cross-entropy `[n]` (fp32) of `hidden [n, D]` against `target [n]` through `weight [V, D]`.
+
+    With no tokens (`n == 0`: e.g. a context-parallel slice without labels) one empty chunk still runs, so
+    the (empty) result stays in the graph of `hidden` and `weight`: every rank then runs the same backward
+    (FSDP's reduce-scatter of the lm_head, the collectives of the layers below)."""
     out = []
-    for start in range(0, hidden.shape[0], chunk_size):
+    for start in range(0, max(hidden.shape[0], 1), chunk_size):
         h, t = hidden[start : start + chunk_size], target[start : start + chunk_size]
         if torch.is_grad_enabled():  # recompute the chunk's logits in backward instead of keeping them
             out.append(checkpoint(_chunk_ce, h, weight, t, use_reentrant=False))

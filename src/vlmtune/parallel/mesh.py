@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import gc
 import os
 from dataclasses import dataclass
 
@@ -19,12 +21,12 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
-    mesh: object  # DeviceMesh: pp, dp_replicate, dp_shard_mod_ep, ep, tp (+ flattened dp_shard, dp)
+    mesh: object  # LayoutMesh: pp, dp_replicate, dp_shard_mod_ep, cp, ep, tp + flattened (layout.py)
     parallel: ParallelConfig  # resolved sizes
 
     @property
     def dp_rank(self) -> int:
-        """This rank's data shard: ranks that differ only in tp (or pp) read the same data."""
+        """This rank's data shard: ranks that differ only in tp, cp (or pp) read the same data."""
         return self.mesh["dp"].get_local_rank()
 
     @property
@@ -37,18 +39,17 @@ class DistInfo:
 
     @property
     def fsdp_mesh(self):
-        """FSDP2 mesh for non-expert weights: shard over dp_shard, replicate over dp_replicate (HSDP)."""
-        p = self.parallel
-        return self.mesh["dp_replicate", "dp_shard"] if p.dp_replicate > 1 else self.mesh["dp_shard"]
+        """FSDP2 mesh for non-expert weights: shard over dp_shard x cp, replicate over dp_replicate (HSDP)."""
+        return self.mesh["hsdp"] if self.parallel.dp_replicate > 1 else self.mesh["dp_shard_cp"]
 
     @property
     def expert_fsdp_mesh(self):
-        p = self.parallel
-        return (
-            self.mesh["dp_replicate", "dp_shard_mod_ep"]
-            if p.dp_replicate > 1
-            else self.mesh["dp_shard_mod_ep"]
-        )
+        return self.mesh["expert_hsdp"] if self.parallel.dp_replicate > 1 else self.mesh["dp_shard_mod_ep_cp"]
+
+    @property
+    def grad_ranks(self) -> int:
+        """The ranks whose gradients FSDP averages (every data-parallel and context-parallel rank)."""
+        return self.dp_size * self.parallel.cp
 
 
 def world_size() -> int:
@@ -77,6 +78,8 @@ def init_distributed(device: str = "auto", parallel: ParallelConfig | None = Non
     # parallel/collectives.py, which puts host numbers on this device. `device_id` binds the group to it.
     backend = "nccl" if use_cuda else "gloo"
     if not dist.is_initialized():
+        atexit.unregister(release_process_groups)  # registered once per process
+        atexit.register(release_process_groups)
         kw = {"device_id": dev} if use_cuda else {}
         if world == 1 and "MASTER_ADDR" not in os.environ:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **kw)
@@ -91,3 +94,14 @@ def init_distributed(device: str = "auto", parallel: ParallelConfig | None = Non
 def close_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+    release_process_groups()
+
+
+def release_process_groups() -> None:
+    """Free the process groups that destroyed groups leave behind in reference cycles (FSDP states, meshes,
+    the model), so their threads stop while Python still runs. gloo runs collectives on worker threads; one
+    that frees a finished collective's tensors during interpreter shutdown needs the GIL it can no longer
+    take, and the process aborts ("terminate called without an active exception") after the run succeeded.
+    Also registered with `atexit`, for an exit where the caller's frames still held the model."""
+    if not dist.is_initialized():
+        gc.collect()

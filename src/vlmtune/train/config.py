@@ -18,6 +18,7 @@ import yaml
 
 from vlmtune.data.config import DataConfig
 from vlmtune.errors import ConfigError
+from vlmtune.generation.answers import DEFAULT_METRICS, METRICS
 from vlmtune.options import build_section, check_type, describe_section
 from vlmtune.options import option as _f
 from vlmtune.parallel.fsdp import AC_MODES
@@ -129,6 +130,12 @@ class LoggingConfig:
 class EvalConfig:
     interval: int = _f(0, "validation loss every N steps (0: only at the end, if there is a split)")
     max_samples: int = _f(0, "validate on at most this many samples (0: all)")
+    generate: bool = _f(
+        False, "at each validation also answer the validation prompts (greedy) and log eval.metrics"
+    )
+    max_new_tokens: int = _f(32, "answer length limit for eval.generate")
+    metrics: list = _f(list(DEFAULT_METRICS), f"answer metrics for eval.generate: {', '.join(METRICS)}")
+    batch_size: int = _f(8, "prompts a data-parallel rank generates together (eval.generate)")
 
 
 SECTIONS = {
@@ -258,6 +265,7 @@ def validate(cfg: TrainConfig, *, check_paths: bool = True) -> None:
         raise ConfigError("logging.log_interval: must be >= 1")
     if cfg.eval.interval < 0 or cfg.eval.max_samples < 0:
         raise ConfigError("eval.interval and eval.max_samples: must be >= 0")
+    validate_generation(cfg)
     p = cfg.parallel
     for key in ("llm_pp_layers", "vit_pp_layers"):
         if not all(isinstance(n, int) and n >= 0 for n in getattr(p, key)):
@@ -265,6 +273,22 @@ def validate(cfg: TrainConfig, *, check_paths: bool = True) -> None:
     if t.mixed_precision == "bf16" and cfg.model.dtype == "bfloat16":
         raise ConfigError("model.dtype: keep float32 master weights with train.mixed_precision=bf16")
     validate_lora(cfg, check_paths=check_paths)
+
+
+def validate_generation(cfg: TrainConfig) -> None:
+    """`eval.generate` and its keys (pipeline parallelism is refused by the trainer's check_config)."""
+    e = cfg.eval
+    unknown = [m for m in e.metrics if m not in METRICS]
+    if unknown or not e.metrics:
+        raise ConfigError(
+            f"eval.metrics: {unknown or e.metrics!r} not known; choose from {', '.join(METRICS)}"
+        )
+    if e.max_new_tokens < 1 or e.batch_size < 1:
+        raise ConfigError("eval.max_new_tokens and eval.batch_size: must be >= 1")
+    if e.generate and not (cfg.data.val_dataset or cfg.data.val_ratio):
+        raise ConfigError(
+            "eval.generate: true needs validation samples: set data.val_dataset or data.val_ratio"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------

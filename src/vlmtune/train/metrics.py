@@ -112,8 +112,12 @@ def read_metrics(output_dir: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+ANSWER_KEYS = ("val_exact_match", "val_contains_match", "val_f1")  # eval.generate's metrics (answer_eval.py)
+
+
 def plot(output_dir: str, out: str | None = None) -> str:
-    """Loss (and validation loss) and lr against step, as a PNG; returns its path."""
+    """Loss (and validation loss), the validation answer metrics (eval.generate) when logged, and lr
+    against step, as a PNG; returns its path."""
     import matplotlib  # optional dependency, only for the plot
 
     matplotlib.use("Agg")
@@ -122,7 +126,12 @@ def plot(output_dir: str, out: str | None = None) -> str:
     records = read_metrics(output_dir)
     train = [r for r in records if "loss" in r]
     val = [r for r in records if "val_loss" in r]
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    answers = [r for r in records if "val_answers" in r]
+    rows = 3 if answers else 2
+    fig, axes = plt.subplots(rows, 1, figsize=(7, 3 * rows), sharex=True)
+    ax1, ax2 = axes[0], axes[-1]
+    if answers:
+        _answer_panel(axes[1], answers)
     ax1.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
     if val:
         ax1.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss")
@@ -138,3 +147,13 @@ def plot(output_dir: str, out: str | None = None) -> str:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def _answer_panel(ax, records: list[dict]) -> None:
+    for key in ANSWER_KEYS:
+        if key in records[0]:
+            ax.plot([r["step"] for r in records], [r[key] for r in records], "o-", label=key[4:])
+    ax.set_ylabel("validation answers")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend()
+    ax.grid(alpha=0.3)

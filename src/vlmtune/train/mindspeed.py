@@ -38,8 +38,6 @@ from vlmtune.train.mindspeed_parse import Setting, Sources, read_sources
 
 DEFAULT_CUTOFF_LEN = 1024  # MindSpeed-MM's basic_parameters.cutoff_len default
 DEFAULT_VIDEO_MAXLEN = 128  # MindSpeed-MM's video_maxlen default
-# vlmtune keys that arrive with pending issues: written, but left out of today's validation.
-PENDING = {"parallel.cp": "issue 14 (context parallelism)"}
 SECTION_ORDER = ("output_dir", "model", "freeze", "optim", "data", "train", "loss", "checkpoint", "logging",
                  "eval", "parallel", "lora")  # fmt: skip
 
@@ -332,10 +330,11 @@ class _Importer:
     def _parallel(self) -> None:
         cp = self.src.take("args.context_parallel_size")
         if cp is not None and convert(cp, "int") == 1:
-            self.put("parallel.cp", 1, [cp], f"the default; not written: the key arrives with {PENDING['parallel.cp']}",
-                     written=False)  # fmt: skip
+            self.put("parallel.cp", 1, [cp], "the default; not written", written=False)
         elif cp is not None:
-            self.put("parallel.cp", convert(cp, "int"), [cp], f"needs {PENDING['parallel.cp']}")
+            self.put(
+                "parallel.cp", convert(cp, "int"), [cp], "Ulysses context parallelism (docs/parallel.md)"
+            )
         shards = self.src.take("fsdp2.sharding_size")
         if shards is not None:
             value = -1 if shards.value == "auto" else convert(shards, "int")
@@ -380,9 +379,8 @@ class _Importer:
 
 
 def _validate(cfg: dict, report: Report) -> None:
-    """The written config must load: validate everything but the keys of pending issues."""
+    """The written config must load."""
     raw = copy.deepcopy(cfg)
-    raw.get("parallel", {}).pop("cp", None)
     # TensorBoard is on by default; whether it is installed here says nothing about the imported values.
     raw.setdefault("logging", {}).setdefault("tensorboard", False)
     try:

@@ -30,7 +30,6 @@ Otherwise give them as further FILEs. The script is not run: only its own variab
 The written YAML has each value's MindSpeed-MM source key as a comment. The report lists every key:
 mapped (source -> vlmtune key), ignored (with the reason: Ascend kernels, Megatron internals, ...) and
 unsupported (with what to do). It ends with a count of each. The config is validated before it is written.
-Keys of pending features (parallel.cp) are written but not validated yet.
 
 Batch sizes become token budgets: train.micro_batch_tokens = micro_batch_size x seq_length, and
 global_batch_size becomes train.global_batch_samples (docs/migrating-from-mindspeed.md explains why).

@@ -105,7 +105,13 @@ ADAMW = ("adam", "adamw", "fused_adamw", "fused_torch_adamw", "torch_adamw")
 RULES = (
     # GPT_ARGS / gpt_args flags
     Rule("args.use_mcore_models", "Megatron model-implementation switch; vlmtune has one implementation"),
-    Rule("args.context_parallel_algo", "context-parallel algorithm; parallel.cp picks its own (issue 14)"),
+    Rule(
+        "args.context_parallel_algo",
+        "parallel.cp is Ulysses, as ulysses_cp_algo",
+        ("ulysses_cp_algo",),
+        "ring attention (megatron_cp_algo, hybrid_cp_algo) is not built: parallel.cp is Ulysses "
+        "(ulysses_cp_algo), up to the attention heads per tensor-parallel rank",
+    ),
     Rule(
         "args.tokenizer_type",
         "Megatron tokenizer (NullTokenizer: none); the tokenizer is model.init_from_hf's",

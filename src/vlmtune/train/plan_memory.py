@@ -6,7 +6,7 @@ the shard count is applied (every rank allocates the padded shard; rank 0 holds 
 Each parameter is stored in its own dtype: the records come from the model the trainer builds (freezing and,
 for a LoRA run, the real adapters of `train/lora.py` with the base frozen in the compute dtype), and QLoRA's
 NF4 weights take the bytes torchao allocates (`qlora.nf4_bytes`).
-Context parallelism (`parallel.cp`, when the config has it) is assumed not to shard parameters.
+Context-parallel ranks are FSDP shards too (the trainer shards over dp_shard x cp, `parallel/context.py`).
 """
 
 from __future__ import annotations
@@ -163,10 +163,10 @@ def _local_numel(r: ParamRecord, layout: Layout, dp_rank: int = 0) -> tuple[int,
     shape = list(r.shape)
     if r.tp_dim is not None and layout.tp > 1:
         shape[r.tp_dim] = math.ceil(shape[r.tp_dim] / layout.tp)
-    shards = layout.dp_shard
+    shards = layout.dp_shard * layout.cp
     if r.expert and layout.ep > 1:
         shape[0] = math.ceil(shape[0] / layout.ep)
-        shards = layout.dp_shard // layout.ep
+        shards = layout.dp_shard // layout.ep * layout.cp
     rest, rows = math.prod(shape[1:]), math.ceil(shape[0] / shards)
     real = min(rows, max(0, shape[0] - (dp_rank % shards) * rows))
     return rows * rest, shards, real * rest
@@ -175,7 +175,7 @@ def _local_numel(r: ParamRecord, layout: Layout, dp_rank: int = 0) -> tuple[int,
 def _grad_numel(r: ParamRecord, layout: Layout, local: int) -> int:
     """Under tensor parallelism without FSDP the vocabulary-sharded token embedding gets a replicated, full
     `[vocab, hidden]` gradient on every rank (DTensor's embedding backward; see tests/test_plan.py)."""
-    if r.name == "language_model.embed_tokens.weight" and layout.tp > 1 and layout.dp_shard == 1:
+    if r.name == "language_model.embed_tokens.weight" and layout.tp > 1 and layout.dp_shard * layout.cp == 1:
         return math.prod(r.shape)
     return local
 
@@ -226,11 +226,13 @@ def state_memory(
             continue
         local, shards, real = _local_numel(r, layout, dp_rank)
         unit = _unit_name(r, layout)
-        nf4 = nf4_bytes(r.shape, r.itemsize, layout.dp, layout.dp_shard) if r.nf4 else None
+        # QLoRA quantizes for the whole FSDP mesh (dp x cp ranks) and FSDP2 splits over its shard dimension.
+        fsdp, split = layout.dp * layout.cp, layout.dp_shard * layout.cp
+        nf4 = nf4_bytes(r.shape, r.itemsize, fsdp, split) if r.nf4 else None
         stored = local * r.itemsize if nf4 is None else nf4
         out.params += stored
-        if nf4 is None or layout.dp > 1:  # on one data-parallel rank NF4 weights stay outside FSDP
-            gathered = local * shards * compute if nf4 is None else nf4 * layout.dp_shard
+        if nf4 is None or fsdp > 1:  # on a one-rank FSDP mesh NF4 weights stay outside FSDP
+            gathered = local * shards * compute if nf4 is None else nf4 * split
             out.unit_gathered[unit] = out.unit_gathered.get(unit, 0.0) + gathered
         if r.trainable:
             out.grads += _grad_numel(r, layout, local) * r.itemsize

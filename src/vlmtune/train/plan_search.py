@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -12,8 +11,9 @@ from vlmtune.errors import ParallelError
 from vlmtune.models.qwen3_vl import load_config
 from vlmtune.models.qwen3_vl.config import ModelArgs
 from vlmtune.models.qwen3_vl.lora import is_adapter
+from vlmtune.parallel.context import context_sizes
 from vlmtune.parallel.fsdp import AC_MODES
-from vlmtune.parallel.layout import ParallelConfig, even_split, resolve
+from vlmtune.parallel.layout import even_split, resolve
 from vlmtune.parallel.tensor import validate_tensor_parallel
 
 from .config import TrainConfig
@@ -79,9 +79,9 @@ def _divisors(n: int, limit: int | None = None) -> list[int]:
 def candidate_layouts(ctx: Context, pipeline_ok: bool) -> list[Layout]:
     """Layouts of the world that the trainer runs: tensor parallelism inside a node, pipelines (with tp and
     MoE too; `pipeline_ok` False leaves them out), expert parallelism over data-parallel ranks, HSDP across
-    nodes, context parallelism when the config has `parallel.cp`. QLoRA (NF4) runs without tp and pp."""
+    nodes, context parallelism without pipelines (cp sizes Ulysses can run, up to 8). QLoRA (NF4) runs
+    without tp and pp."""
     a, hw = ctx.args, ctx.hardware
-    has_cp = "cp" in {f.name for f in dataclasses.fields(ParallelConfig)}
     nf4 = ctx.lora is not None and ctx.lora.cfg.base_quant == "nf4"
     pipeline_ok = pipeline_ok and not nf4
     out = []
@@ -92,7 +92,12 @@ def candidate_layouts(ctx: Context, pipeline_ok: bool) -> list[Layout]:
             continue
         pps = [1] + ([p for p in _divisors(hw.world // tp, 8) if p > 1] if pipeline_ok else [])
         for pp in pps:
-            for cp in _divisors(hw.world // (tp * pp), 8) if has_cp else [1]:
+            cps = (
+                [c for c in _divisors(hw.world // (tp * pp), 8) if c in context_sizes(a, tp)]
+                if pp == 1
+                else [1]
+            )
+            for cp in cps:
                 rest = hw.world // (tp * pp * cp)
                 for rep in sorted({1, hw.nodes}):
                     if rest % rep:

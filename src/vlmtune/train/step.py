@@ -20,6 +20,7 @@ from torch.distributed.tensor import DTensor
 from vlmtune.data.batch import PackedBatch
 from vlmtune.models.qwen3_vl import Qwen3VL
 from vlmtune.parallel.collectives import all_reduce_host
+from vlmtune.parallel.context import ContextParallel
 from vlmtune.parallel.fsdp import call_lm_head
 from vlmtune.parallel.pipeline import set_batches
 
@@ -46,20 +47,30 @@ class TrainModule(nn.Module):
 
     embedding_and_head_units = True  # FSDP may shard them as their own units (parallel/fsdp.py `_own_units`)
 
-    def __init__(self, model: Qwen3VL, chunk_size: int = 1024, aux_coef: float = 0.0):
+    def __init__(
+        self,
+        model: Qwen3VL,
+        chunk_size: int = 1024,
+        aux_coef: float = 0.0,
+        context: ContextParallel | None = None,
+    ):
         super().__init__()
         self.model = model
         self.chunk_size, self.aux_coef = chunk_size, aux_coef
+        self.context = context  # context parallelism: batches are this rank's RowShard of each row
         model.language_model.embed_tokens.register_forward_hook(_embeddings_need_grad)
 
     def forward(self, batch: PackedBatch, weights: torch.Tensor, aux_weight: float = 0.0) -> torch.Tensor:
         """This micro-batch's share of the step loss: `sum_t weights_t * l_t` (+ its share of the aux loss)."""
-        dummy = None
-        if not batch.has_media:
-            # First, where a batch with images runs the vision tower (before the token embedding): the units
-            # must be gathered in the same order on every rank.
-            dummy = self.model.visual.dummy_pass(batch.input_ids.device)
-        out = self.model(**batch.model_inputs(), max_seqlen=batch.max_seqlen, return_hidden=True)
+        if self.context is not None:
+            out, dummy = self.context.forward(self.model, batch)
+        else:
+            dummy = None
+            if not batch.has_media:
+                # First, where a batch with images runs the vision tower (before the token embedding): the
+                # units must be gathered in the same order on every rank.
+                dummy = self.model.visual.dummy_pass(batch.input_ids.device)
+            out = self.model(**batch.model_inputs(), max_seqlen=batch.max_seqlen, return_hidden=True)
 
         def loss_fn(head_weight, hidden):
             return microbatch_loss(hidden, head_weight, batch, weights, self.chunk_size)
@@ -148,14 +159,28 @@ def finish_step(
 
 
 class DataParallelStep:
-    """FSDP (with TP / EP inside): the step's micro-batches one after another through `TrainModule`.
+    """FSDP (with TP / EP / CP inside): the step's micro-batches one after another through `TrainModule`.
 
     The counts the loss divides by are summed over the data-parallel ranks (`dp_group`; ranks that differ
-    only in tensor parallelism hold the same data) before the first backward."""
+    only in tensor or context parallelism hold the same data) before the first backward. Under context
+    parallelism (`context`) each rank runs its slice of every row with the whole row's loss weights."""
 
-    def __init__(self, root: TrainModule, device, dp_size: int, dp_group=None, loss_type: str = "token_mean"):
+    def __init__(
+        self, root: TrainModule, device, dp_size: int, dp_group=None, loss_type: str = "token_mean",
+        context: ContextParallel | None = None,
+    ):  # fmt: skip
         self.root, self.device, self.dp_size, self.dp_group = root, device, dp_size, dp_group
-        self.loss_type = loss_type
+        self.loss_type, self.context = loss_type, context
+        self.cp = context.size if context is not None else 1
+        # Every rank holding part of a step's loss; FSDP averages gradients over all of them.
+        self.loss_group = context.loss_group if context is not None else dp_group
+
+    def _on_device(self, batch: PackedBatch, w: torch.Tensor):
+        """The micro-batch (this rank's slice of it under context parallelism) and its weights on the device."""
+        if self.context is not None:
+            shard, w = self.context.shard(batch, w)
+            return shard.to(self.device), w.to(self.device, non_blocking=True)
+        return to_device(batch, self.device), w.to(self.device, non_blocking=True)
 
     def forward_backward(self, micro: list[PackedBatch]) -> tuple[float, int, int]:
         """Gradients accumulated in `.grad`; returns (step loss over all ranks, tokens, label tokens)."""
@@ -163,15 +188,16 @@ class DataParallelStep:
         norm = step_normalizers(counts, group=self.dp_group)
         local = torch.zeros((), dtype=torch.float64, device=self.device)
         for batch, c in zip(micro, counts):
-            w = token_weights(batch, c, norm, self.loss_type).to(self.device, non_blocking=True)
-            share = self.root(to_device(batch, self.device), w, aux_loss_weight(c, norm, self.loss_type))
-            # FSDP averages gradients over the data-parallel ranks; our shares are already divided by the
-            # step totals, so undo it.
-            (share * self.dp_size).backward()
+            inputs, w = self._on_device(batch, token_weights(batch, c, norm, self.loss_type))
+            share = self.root(inputs, w, aux_loss_weight(c, norm, self.loss_type))
+            # FSDP averages gradients over the data- and context-parallel ranks; our shares are already
+            # divided by the step totals, so undo it.
+            (share * self.dp_size * self.cp).backward()
             local += share.detach().double()
-        tokens = sum(b.num_tokens for b in micro)
-        loss, tokens = all_reduce_host([local.item(), tokens], group=self.dp_group)
-        return loss, int(tokens), int(norm.tokens)
+        # The cp ranks of a data shard each count its tokens: 1/cp each.
+        tokens = sum(b.num_tokens for b in micro) / self.cp
+        loss, tokens = all_reduce_host([local.item(), tokens], group=self.loss_group)
+        return loss, round(tokens), int(norm.tokens)
 
     @torch.no_grad()
     def eval_loss(self, batches: list[PackedBatch]) -> tuple[float, int]:
@@ -180,11 +206,11 @@ class DataParallelStep:
         total, tokens = torch.zeros((), dtype=torch.float64, device=self.device), 0
         for batch in batches:
             c = count_labels(batch)
-            w = token_weights(batch, c, unit, "token_mean").to(self.device)
-            total += self.root(to_device(batch, self.device), w).double()
-            tokens += c.tokens
-        loss_sum, tokens = all_reduce_host([total.item(), tokens], group=self.dp_group)
-        return loss_sum / max(tokens, 1.0), int(tokens)
+            inputs, w = self._on_device(batch, token_weights(batch, c, unit, "token_mean"))
+            total += self.root(inputs, w).double()
+            tokens += c.tokens / self.cp
+        loss_sum, tokens = all_reduce_host([total.item(), tokens], group=self.loss_group)
+        return loss_sum / max(tokens, 1.0), round(tokens)
 
 
 class PipelineStep:

@@ -25,12 +25,15 @@ from vlmtune.checkpoint.export import export_model
 from vlmtune.checkpoint.lora import export_adapter
 from vlmtune.data import build_loader, build_processor, load_samples
 from vlmtune.errors import ConfigError, DataError, before_process_group, ranks_agree
+from vlmtune.generation.tokens import pad_token_id, stop_token_ids
 from vlmtune.models.qwen3_vl import ModelArgs, load_config
 from vlmtune.parallel.collectives import all_reduce_host, barrier
+from vlmtune.parallel.context import context_parallel, whole_sequences
 from vlmtune.parallel.layout import ParallelConfig, resolve
 from vlmtune.parallel.mesh import DistInfo, close_distributed, init_distributed, world_size
 from vlmtune.parallel.pipeline_rank import rank_model
 
+from .answer_eval import answer_on_ranks, answer_record, answerable, write_generations
 from .build import build_sharded_model, build_sharded_pipeline
 from .config import TrainConfig
 from .flops import Trainable
@@ -80,7 +83,17 @@ def check_config(cfg: TrainConfig, args: ModelArgs, world: int) -> ParallelConfi
     `lora:` section selects in this model."""
     layout = resolve(cfg.parallel, world, args)
     check_lora_model(cfg, args)
+    check_generation(cfg, layout)
     return layout
+
+
+def check_generation(cfg: TrainConfig, layout: ParallelConfig) -> None:
+    if cfg.eval.generate and layout.pp > 1:
+        raise ConfigError(
+            "eval.generate under pipeline parallelism (parallel.pp > 1): not built yet (no stage holds the "
+            "whole model to decode with); set eval.generate: false, or score a saved checkpoint with "
+            "`vlmtune eval --generate`"
+        )
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -139,7 +152,7 @@ class Trainer:
                 f"data.dataset {cfg.data.dataset}: no usable training samples ({report.read} read, "
                 f"{report.total} skipped: {report.by_reason()}); e.g. {next(iter(report.examples.values()), '-')}"
             )
-        # Ranks that differ only in tensor (or pipeline) parallelism read the same data shard.
+        # Ranks that differ only in tensor, context (or pipeline) parallelism read the same data shard.
         kw = dict(
             dp_rank=info.dp_rank, dp_size=info.dp_size, seed=cfg.train.seed,
             max_tokens=cfg.train.micro_batch_tokens, report=report,
@@ -207,13 +220,14 @@ class Trainer:
                 loss_type=cfg.loss.type, aux_coef=aux_coef(cfg, self.args), tied=tied,
             )  # fmt: skip
         else:
-            coef = aux_coef(cfg, self.args)
+            coef, context = aux_coef(cfg, self.args), context_parallel(info, self.args)
             builder = build_quantized_model if cfg.lora.base_quant == "nf4" else build_sharded_model
             self.root, self.model = builder(
-                cfg.model.init_from_hf, lambda m: TrainModule(m, cfg.loss.chunk_size, coef), info, **build
-            )
+                cfg.model.init_from_hf, lambda m: TrainModule(m, cfg.loss.chunk_size, coef, context), info,
+                **build,
+            )  # fmt: skip
             self.strategy = DataParallelStep(
-                self.root, info.device, info.dp_size, info.dp_group, cfg.loss.type
+                self.root, info.device, info.dp_size, info.dp_group, cfg.loss.type, context
             )
         self.root.train()
         self.optimizer = build_optimizer(self.model, cfg)
@@ -273,7 +287,27 @@ class Trainer:
         loss, tokens = self.strategy.eval_loss(batches)
         self.root.train()
         self.logger.log({"step": self.step, "val_loss": loss, "val_tokens": tokens})
+        if self.cfg.eval.generate:
+            self.validate_answers()
         return loss
+
+    def validate_answers(self) -> dict:
+        """Greedy answers to the validation prompts, scored with eval.metrics and logged (eval.generate)."""
+        c, tokenizer = self.cfg, self.processor.tokenizer
+        pairs = answerable(self.val_samples, self.val_loader.valid, self.skips.report)
+        self.root.eval()
+        with whole_sequences(self.model):
+            scored = answer_on_ranks(
+                self.root, self.model, self.processor, pairs, info=self.info, eval_cfg=c.eval,
+                dataset_dir=c.data.dataset_dir, eos=stop_token_ids(tokenizer, c.model.init_from_hf),
+                pad=pad_token_id(tokenizer), agree=self.agreed,
+            )  # fmt: skip
+        self.root.train()
+        record = answer_record(self.step, scored, c.eval.metrics)
+        if self.main:
+            write_generations(c.output_dir, self.step, scored)
+        self.logger.log(record)
+        return record
 
     def save(self) -> None:
         c = self.cfg.checkpoint
@@ -305,8 +339,8 @@ class Trainer:
             self.info.world_size, f"{n_trainable:,}", f"{n_params:,}",
         )  # fmt: skip
         log.info(
-            "layout: pp %d x dp_replicate %d x dp_shard %d x tp %d (ep %d); this rank's stage holds %d decoder "
-            "layer(s)%s", lp.pp, lp.dp_replicate, lp.dp_shard, lp.tp, lp.ep,
+            "layout: pp %d x dp_replicate %d x dp_shard %d x cp %d x tp %d (ep %d); this rank's stage holds %d "
+            "decoder layer(s)%s", lp.pp, lp.dp_replicate, lp.dp_shard, lp.cp, lp.tp, lp.ep,
             len(self.model.language_model.layers),
             f" and {len(self.model.visual.blocks)} vision block(s)" if self.model.visual is not None else "",
         )  # fmt: skip
