@@ -20,7 +20,7 @@ What is counted (matmuls only; biases, norms, activations and the softmax are le
   merged tokens (mergers). The vision k/v adapters run q's shared A again. A module trained whole
   (`modules_to_save`) adds 2 per parameter and token for its weight gradient.
 Activation-checkpointing recomputation is not model FLOPs (MFU leaves it out; `recompute_flops` gives it
-for time predictions). tests/test_flops.py checks the count against torch's FlopCounterMode.
+for time predictions). tests/test_flops_counted.py checks the count against torch's FlopCounterMode.
 """
 
 from __future__ import annotations
@@ -260,10 +260,9 @@ def _add_decoder_lora(out: Flops, t: TextArgs, lora: LoraSpec, tokens: int, labe
 
 
 def _linear(rows: int, d_in: int, d_out: int, in_grad: bool, trains: bool, rank: int) -> tuple[int, int]:
-    """(weight, adapter) FLOPs of a Linear on `rows` rows; `rank` 0: no adapter. An adapter's A
-    [r, in] counts forward and weight gradient, and its input gradient where the input needs one; its B
-    [out, r] all three (A trains, so B's input needs a gradient). A vision k/v adapter shares q's A and runs
-    it once more."""
+    """(weight, adapter) FLOPs of a Linear on `rows` rows; `rank` 0: no adapter. An adapter's A [r, in] counts
+    forward and weight gradient, and its input gradient where the input needs one; its B [out, r] all three
+    (A trains, so B's input needs a gradient). A vision k/v adapter runs q's shared A once more."""
     base = (2 + 2 * in_grad + 2 * trains) * d_in * d_out * rows
     return base, rows * rank * (d_in * (4 + 2 * in_grad) + 6 * d_out)
 
