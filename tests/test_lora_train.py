@@ -36,7 +36,8 @@ from vlmtune.parallel.mesh import close_distributed, init_distributed
 from vlmtune.testing import make_tiny_checkpoint
 from vlmtune.train.config import from_dict, load
 from vlmtune.train.metrics import read_metrics
-from vlmtune.train.trainer import Trainer, check_config, train
+from vlmtune.train.run_setup import check_config
+from vlmtune.train.trainer import Trainer, train
 
 from model_inputs import build_sample, hf_kwargs, ours_kwargs
 
