@@ -9,10 +9,7 @@ import json
 import logging
 import os
 import re
-import shutil
 import signal
-import subprocess
-import sys
 import warnings
 
 import pytest
@@ -22,7 +19,7 @@ from peft import PeftModel
 from transformers import AutoModelForImageTextToText
 
 from test_train_checkpoint import launch, wait_for_step
-from test_train_parallel import assert_close, free_port, losses, write
+from test_train_parallel import assert_close, losses, torchrun
 from test_train_utils import run_config
 from vlmtune.checkpoint import dcp as checkpoint
 from vlmtune.checkpoint import load_pretrained
@@ -36,7 +33,8 @@ from vlmtune.parallel.mesh import close_distributed, init_distributed
 from vlmtune.testing import make_tiny_checkpoint
 from vlmtune.train.config import from_dict, load
 from vlmtune.train.metrics import read_metrics
-from vlmtune.train.trainer import Trainer, check_config, train
+from vlmtune.train.run_setup import check_config
+from vlmtune.train.trainer import Trainer, train
 
 from model_inputs import build_sample, hf_kwargs, ours_kwargs
 
@@ -84,25 +82,6 @@ def moe_ckpt(tmp_path_factory):
 
 def config(out, ckpt, data, lora, **sections) -> dict:
     return run_config(out, ckpt, data, steps=STEPS, keep_last=1, lora=lora, **sections)
-
-
-def torchrun(out, raw, nproc: int) -> None:
-    """`vlmtune train` on `nproc` gloo ranks. Twice in ~20 two-rank runs on this shared machine a rank
-    aborted in interpreter teardown (`terminate called without an active exception`, SIGABRT) after training
-    had finished and its metrics were written; such a run (and only such a run) is repeated once."""
-    for attempt in range(2):
-        shutil.rmtree(out, ignore_errors=True)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-               "-m", "vlmtune.cli", "train", write(out, raw)]  # fmt: skip
-        res = subprocess.run(
-            cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600
-        )
-        text = res.stdout + res.stderr
-        teardown = "terminate called without an active exception" in text and "done: step" in text
-        if res.returncode == 0 or not teardown or attempt:
-            break
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
 
 def run_in_process(raw, gather_frozen: bool = True) -> dict:

@@ -18,7 +18,8 @@ from vlmtune.errors import ParallelError
 from vlmtune.models.qwen3_vl import load_config
 from vlmtune.train.config import from_dict
 from vlmtune.train.metrics import read_metrics
-from vlmtune.train.trainer import check_config, train
+from vlmtune.train.run_setup import check_config
+from vlmtune.train.trainer import train
 
 STEPS = 3
 

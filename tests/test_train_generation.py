@@ -30,7 +30,8 @@ from vlmtune.generation.answers import normalize_answer
 from vlmtune.models.qwen3_vl import load_config
 from vlmtune.train.config import from_dict
 from vlmtune.train.metrics import read_metrics
-from vlmtune.train.trainer import check_config, train
+from vlmtune.train.run_setup import check_config
+from vlmtune.train.trainer import train
 
 STEPS, N_VAL = 4, 5
 METRICS = ["exact", "contains", "f1"]

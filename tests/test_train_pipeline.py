@@ -163,7 +163,8 @@ def train_and_return_tied_weights(rank, world, raw):
 
     from vlmtune.models.qwen3_vl import load_config
     from vlmtune.parallel.mesh import init_distributed
-    from vlmtune.train.trainer import Trainer, check_config
+    from vlmtune.train.run_setup import check_config
+    from vlmtune.train.trainer import Trainer
 
     cfg = from_dict(raw)
     args = load_config(cfg.model.init_from_hf)
@@ -266,7 +267,7 @@ def test_shipped_configs_resolve_on_their_models(name):
     from vlmtune.models.qwen3_vl import args_from_hf_dict
     from vlmtune.testing import tiny_config_dict
     from vlmtune.train.config import load
-    from vlmtune.train.trainer import accumulation_steps, check_config
+    from vlmtune.train.run_setup import accumulation_steps, check_config
 
     sizes, world = SHIPPED[name]
     args = args_from_hf_dict(tiny_config_dict(**sizes))

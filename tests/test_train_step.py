@@ -10,8 +10,8 @@ from vlmtune.parallel.fsdp import apply_activation_checkpointing
 from vlmtune.train.config import TrainConfig
 from vlmtune.train.freeze import GROUP_PREFIXES, apply_freeze, freeze_groups
 from vlmtune.train.optim import build_optimizer, lr_factor
+from vlmtune.train.run_setup import accumulation_steps, total_steps
 from vlmtune.train.step import TrainModule
-from vlmtune.train.trainer import accumulation_steps, total_steps
 
 CPU = torch.device("cpu")
 

@@ -21,7 +21,7 @@ from .flops import Trainable, active_decoder_params
 from .lora import LoraSetup
 from .plan import HEADROOM, RUNTIME_RESERVE_GIB, Context, Estimate, Hardware, estimate, make_workload
 from .plan_memory import Layout, Precision, build_meta_model, param_records
-from .trainer import accumulation_steps
+from .run_setup import accumulation_steps
 
 MAX_SUGGESTIONS = 5
 

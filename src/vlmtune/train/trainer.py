@@ -1,20 +1,18 @@
 """`vlmtune train`: the Trainer — data -> sharded model -> steps -> checkpoints, metrics and an HF export.
 
-`train(cfg)` checks everything the config alone decides (parallel sizes against the model, pipeline limits)
-before any process group, data or weights; then a `Trainer` builds, resumes, steps, validates, saves and
-finishes. The layout is chosen once, as a step strategy (`DataParallelStep` or `PipelineStep`).
+`train(cfg)` checks everything the config alone decides (`run_setup.check_config`: parallel sizes against the
+model, pipeline limits, LoRA targets) before any process group, data or weights; then a `Trainer` builds,
+resumes, steps, validates, saves and finishes. The layout is chosen once, as a step strategy
+(`DataParallelStep` or `PipelineStep`).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
-import random
 import signal
 import time
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -29,7 +27,6 @@ from vlmtune.generation.tokens import pad_token_id, stop_token_ids
 from vlmtune.models.qwen3_vl import ModelArgs, load_config
 from vlmtune.parallel.collectives import all_reduce_host, barrier
 from vlmtune.parallel.context import context_parallel, whole_sequences
-from vlmtune.parallel.layout import ParallelConfig, resolve
 from vlmtune.parallel.mesh import DistInfo, close_distributed, init_distributed, world_size
 from vlmtune.parallel.pipeline_rank import rank_model
 
@@ -38,62 +35,22 @@ from .build import build_sharded_model, build_sharded_pipeline
 from .config import TrainConfig
 from .flops import Trainable
 from .freeze import apply_freeze
-from .lora import LoraSetup, analytic_trainable, check_lora_model
+from .lora import LoraSetup, analytic_trainable
 from .metrics import MetricsLogger, micro_batch_flops, peak_memory_gb, peak_tflops, plot
 from .optim import Schedule, build_optimizer
 from .qlora import build_quantized_model
+from .run_setup import (
+    accumulation_steps,
+    aux_coef,
+    check_config,
+    make_output_dir,
+    seed_everything,
+    total_steps,
+)
 from .skips import RunSkips
 from .step import DataParallelStep, PipelineStep, StepResult, TrainModule, finish_step
 
 log = logging.getLogger(__name__)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def accumulation_steps(cfg: TrainConfig, micro_batches_per_epoch: int, n_train: int, world: int) -> int:
-    """Micro-batches per rank per optimizer step, derived from the global batch
-    (`micro_batches_per_epoch` is this rank's count)."""
-    t = cfg.train
-    if t.global_batch_tokens:
-        return max(1, round(t.global_batch_tokens / (t.micro_batch_tokens * world)))
-    if t.global_batch_samples:
-        per_micro = n_train / max(1, micro_batches_per_epoch * world)  # mean samples in a packed micro-batch
-        return max(1, round(t.global_batch_samples / (per_micro * world)))
-    return 1
-
-
-def total_steps(cfg: TrainConfig, micro_batches_per_epoch: int, accum: int) -> int:
-    if cfg.train.train_iters:
-        return cfg.train.train_iters
-    return max(1, math.ceil(cfg.train.epochs * max(1, micro_batches_per_epoch // accum)))
-
-
-def aux_coef(cfg: TrainConfig, args: ModelArgs) -> float:
-    """MoE aux-loss coefficient: configured, else the checkpoint's `router_aux_loss_coef` (0 for dense)."""
-    return cfg.loss.aux_loss_coef if cfg.loss.aux_loss_coef is not None else args.text.router_aux_loss_coef
-
-
-def check_config(cfg: TrainConfig, args: ModelArgs, world: int) -> ParallelConfig:
-    """Everything the config alone decides, before any process group, data or weights: the layout against
-    the world size and the model (heads, layers, experts, the pipeline split and schedule), and what the
-    `lora:` section selects in this model."""
-    layout = resolve(cfg.parallel, world, args)
-    check_lora_model(cfg, args)
-    check_generation(cfg, layout)
-    return layout
-
-
-def check_generation(cfg: TrainConfig, layout: ParallelConfig) -> None:
-    if cfg.eval.generate and layout.pp > 1:
-        raise ConfigError(
-            "eval.generate under pipeline parallelism (parallel.pp > 1): not built yet (no stage holds the "
-            "whole model to decode with); set eval.generate: false, or score a saved checkpoint with "
-            "`vlmtune eval --generate`"
-        )
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -106,15 +63,6 @@ def train(cfg: TrainConfig) -> dict:
         return Trainer(cfg, info, args).run()
     finally:
         close_distributed()
-
-
-def make_output_dir(path: str) -> None:
-    try:
-        os.makedirs(path, exist_ok=True)
-    except (OSError, ValueError) as e:  # ValueError: a NUL character in the path
-        raise ConfigError(
-            f"output_dir {path!r}: cannot create the directory ({getattr(e, 'strerror', None) or e})"
-        ) from None
 
 
 class StopRequest:
