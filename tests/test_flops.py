@@ -17,9 +17,9 @@ import torch
 
 from vlmtune.models.qwen3_vl import Qwen3VL, args_from_hf_dict
 from vlmtune.testing import tiny_config_dict
+from vlmtune.train.config import TrainConfig
 from vlmtune.train.flops import (
     PEAK_TFLOPS,
-    LoraSpec,
     Trainable,
     active_decoder_params,
     flops_per_token,
@@ -28,6 +28,7 @@ from vlmtune.train.flops import (
     recompute_flops,
     table_key,
 )
+from vlmtune.train.lora import LoraSetup
 
 VISION = {
     "depth": 27,
@@ -106,11 +107,12 @@ def matmul_numel(module) -> int:
 # MLP 3 x 4096 x 12288 = 150,994,944; together 192,937,984; x 36 layers = 6,945,767,424.
 DENSE_DECODER_8B = 6_945_767_424
 LM_HEAD_8B = 4096 * 151936  # 622,329,856
-# A vision block: q, k, v, proj 4 x (1152^2 + 1152) = 5,313,024; fc1 + fc2 2 x 1152 x 4304 + 4304 + 1152
-# = 9,921,872; together 15,234,896; x 27 = 411,342,192. Patch embedding (1536 + 1) x 1152 = 1,770,624.
-VISION_BLOCKS = 411_342_192
-PATCH_EMBED = 1_770_624
-MERGER_8B = 4608 * 4608 + 4608 + 4608 * 4096 + 4096  # 40,116,736 per merger, 4 mergers (main + 3 DeepStack)
+# A vision block's matmul weights (biases are additions, not counted): q, k, v, proj 4 x 1152^2 = 5,308,416;
+# fc1 + fc2 2 x 1152 x 4304 = 9,916,416; together 15,224,832; x 27 = 411,070,464. Patch embedding 1536 x 1152.
+VISION_BLOCKS = 411_070_464
+PATCH_EMBED = 1_769_472
+MERGER_FC1_8B, MERGER_FC2_8B = 4608 * 4608, 4608 * 4096
+MERGER_8B = MERGER_FC1_8B + MERGER_FC2_8B  # 40,108,032 per merger, 4 mergers (main + 3 DeepStack)
 
 
 def test_8b_parameter_counts_match_the_module():
@@ -152,25 +154,76 @@ def test_8b_image_flops_by_hand():
     video = model_flops(args, lengths, [(4, 16, 16)])
     assert video.vision_attention == 12 * 27 * 1152 * 4 * 256 * 256
 
-    # Frozen vision encoder (the shipped 8B config): the tower runs forward only, the mergers train but
-    # need no input gradient; the decoder is unchanged.
+    # Frozen vision encoder (the shipped 8B config): the tower runs forward only; the mergers train, their
+    # LayerNorm too, so both their Linears pass a gradient down to it (6N); the decoder is unchanged.
     frozen = model_flops(args, lengths, grid, label_tokens=44, trainable=Trainable(vision_encoder=False))
     assert frozen.vision == (2 * VISION_BLOCKS + 2 * PATCH_EMBED) * 1024
     assert frozen.vision_attention == 4 * 27 * 1152 * 1024 * 1024
-    assert frozen.projector == 4 * 4 * MERGER_8B * 256
+    assert frozen.projector == 6 * 4 * MERGER_8B * 256
     assert frozen.decoder == f.decoder
     # A frozen decoder still back-propagates to the vision side: 4 FLOPs per weight and token.
     text_frozen = model_flops(args, lengths, grid, trainable=Trainable(text_decoder=False))
     assert text_frozen.decoder == 4 * DENSE_DECODER_8B * 300
 
 
+def placed_lora(model_cfg: dict, **lora):
+    """The run's LoRA description as the trainer makes it: adapters placed on the meta-built model."""
+    cfg = TrainConfig()
+    for key, value in lora.items():
+        setattr(cfg.lora, key, value)
+    args = args_from_hf_dict(copy.deepcopy(model_cfg))
+    setup = LoraSetup(cfg, args, seed=0, master_dtype=torch.float32, compute_dtype=torch.bfloat16)
+    return args, setup.spec
+
+
+# Rank 16 on every decoder Linear (all-linear): q 16 x (4096 + 4096) + k, v 16 x (4096 + 1024) + o 16 x
+# (4096 + 4096) + gate, up 16 x (4096 + 12288) + down 16 x (12288 + 4096) = 1,212,416 per layer, x 36.
+LORA_DECODER_8B = 43_646_976
+# On the mergers: fc1 16 x (4608 + 4608) + fc2 16 x (4608 + 4096) = 286,720 per merger, 4 mergers.
+LORA_MERGERS_8B = 1_146_880
+# On the vision blocks: q 16 x (1152 + 1152) with k, v sharing q's A (B only: 16 x 1152 each), proj
+# 16 x 2304, fc1, fc2 16 x (1152 + 4304) each = 285,184 per block, x 27.
+LORA_VISION_8B = 7_699_968
+
+
 def test_lora_flops_by_hand():
-    args = meta_model(QWEN3_VL_8B).args
-    lora = LoraSpec(rank=16, targets=["q_proj", "v_proj"])
-    f = model_flops(args, [100], lora=lora)
-    # adapters per layer: 16 x (4096 + 4096) + 16 x (4096 + 1024) = 212,992; x 36 = 7,667,712
-    assert f.lora == 6 * 7_667_712 * 100
-    assert f.decoder == 4 * DENSE_DECODER_8B * 100  # frozen base: forward + input gradient
+    args, lora = placed_lora(QWEN3_VL_8B, rank=16, vision_projector=True)
+    assert lora.adapter_params == {"decoder": LORA_DECODER_8B, "experts": 0, "vision": 0,
+                                   "projector": LORA_MERGERS_8B, "lm_head": 0}  # fmt: skip
+    assert not any(lora.saved_params.values())
+    grid, lengths = [(1, 32, 32)], [300]  # 1024 patches, 256 merged tokens
+    f = model_flops(args, lengths, grid, label_tokens=44, lora=lora)
+    assert f.decoder == 4 * DENSE_DECODER_8B * 300  # frozen base: forward + input gradient
+    assert f.lm_head == 4 * LM_HEAD_8B * 44
+    # No adapter in the tower: it runs forward only. In the frozen mergers fc1's input needs no gradient
+    # (2N), fc2's does (4N): fc1's adapter trains.
+    assert f.vision == (2 * VISION_BLOCKS + 2 * PATCH_EMBED) * 1024
+    assert f.vision_attention == 4 * 27 * 1152 * 1024 * 1024
+    assert f.projector == 4 * (2 * MERGER_FC1_8B + 4 * MERGER_FC2_8B) * 256
+    # Decoder adapters: 6 per parameter and token. Merger adapters: fc1's A [16, 4608] forward and weight
+    # gradient only (4), its B [4608, 16] and fc2's A, B all three (6).
+    mergers = 4 * 16 * (4 * 4608 + 6 * 4608 + 6 * 4608 + 6 * 4096)
+    assert mergers == 6 * LORA_MERGERS_8B - 4 * 2 * 16 * 4608
+    assert f.lora == 6 * LORA_DECODER_8B * 300 + mergers * 256
+
+    # Adapters in the vision blocks: the gradient starts at block 0's q/k/v adapters, so block 0's q, k, v
+    # (and their shared A) need no input gradient; everything after back-propagates (4N, attention x3). The
+    # patch embedding runs forward only; the DeepStack mergers pass the gradient down (4N), the merger trained
+    # whole also computes its weight gradient (6N).
+    args, lora = placed_lora(QWEN3_VL_8B, rank=16, vision_encoder=True, modules_to_save=["merger"])
+    assert (lora.adapter_params["vision"], lora.saved_params["projector"]) == (LORA_VISION_8B, MERGER_8B)
+    assert lora.saved == ("visual.merger",)
+    f = model_flops(args, lengths, grid, label_tokens=44, lora=lora)
+    qkv = 3 * 1152 * 1152
+    assert f.vision == (4 * VISION_BLOCKS - 2 * qkv + 2 * PATCH_EMBED) * 1024
+    assert f.vision_attention == 12 * 27 * 1152 * 1024 * 1024
+    assert f.projector == (3 * 4 + 6) * MERGER_8B * 256
+    # Per block: q, k, v each run the shared A [16, 1152] and their own B [1152, 16]; proj, fc1, fc2 their
+    # A and B; 6 per parameter and patch, but 4 for block 0's A (no input gradient).
+    block = 16 * (3 * (6 * 1152 + 6 * 1152) + 6 * 2 * 1152 + 6 * (1152 + 4304) * 2)
+    assert block == 1_932_288  # more than 6 x 285,184: the shared A runs three times
+    vision = 27 * block - 3 * 2 * 16 * 1152
+    assert f.lora == 6 * LORA_DECODER_8B * 300 + vision * 1024
 
 
 # ------------------------------------------------------------------------------------------ 30B-A3B
@@ -269,3 +322,22 @@ def test_micro_batch_flops_reads_the_packed_row():
         trainable=Trainable(),
     ).total
     assert micro_batch_flops(args, batch, Trainable()) == want > 0
+
+
+def test_30b_a3b_lora_flops_by_hand():
+    """The shipped configs/qwen3vl_30b_a3b_lora.yaml adapters (rank 8 on attention and every expert) plus
+    the router: an expert adapter counts for the top_k / num_experts share of tokens that visit it."""
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "router"]
+    args, lora = placed_lora(QWEN3_VL_30B_A3B, rank=8, targets=targets)
+    # Per layer: q 8 x (2048 + 4096) + k, v 8 x (2048 + 512) + o 8 x (4096 + 2048) = 139,264; router
+    # 8 x (2048 + 128) = 17,408. Experts: gate_up 128 x 8 x (2048 + 1536) + down 128 x 8 x (768 + 2048)
+    # = 6,553,600. x 48 layers.
+    attention, router, experts = 48 * 139_264, 48 * 17_408, 48 * 6_553_600
+    assert (attention, experts) == (6_684_672, 314_572_800)  # docs/lora.md: 6.7 M and 314.6 M at rank 8
+    assert lora.adapter_params == {"decoder": attention + router, "experts": experts, "vision": 0, "projector": 0,
+                             "lm_head": 0}  # fmt: skip
+    n = 8192
+    f = model_flops(args, [n], lora=lora)
+    assert f.decoder == 4 * ACTIVE_DECODER_30B * n
+    assert f.lm_head == 4 * LM_HEAD_30B * n
+    assert f.lora == 6 * (attention + router) * n + 6 * experts * n * 8 / 128

@@ -32,7 +32,8 @@ from vlmtune.models.qwen3_vl.lora import is_adapter
 from vlmtune.parallel.mesh import close_distributed, init_distributed
 from vlmtune.testing import make_tiny_checkpoint
 from vlmtune.train.config import from_dict, load
-from vlmtune.train.metrics import read_metrics
+from vlmtune.train.flops import Trainable
+from vlmtune.train.metrics import micro_batch_flops, read_metrics
 from vlmtune.train.run_setup import check_config
 from vlmtune.train.trainer import Trainer, train
 
@@ -92,13 +93,21 @@ def run_in_process(raw, gather_frozen: bool = True) -> dict:
     info = init_distributed(cfg.train.device, cfg.parallel, args)
     try:
         trainer = Trainer(cfg, info, args)
+        steps, train_step = [], trainer.train_step
+
+        def recorded(micro):  # each step's micro-batches and the model FLOPs the trainer counted for MFU
+            result = train_step(micro)
+            steps.append((micro, result.flops))
+            return result
+
+        trainer.train_step = recorded
         trainer.run()
         trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
         full = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
                 for n, p in trainer.model.named_parameters() if gather_frozen or n in trainable}  # fmt: skip
     finally:
         close_distributed()
-    return {"params": full, "trainable": trainable}
+    return {"params": full, "trainable": trainable, "steps": steps, "args": args, "spec": trainer.lora.spec}
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +152,16 @@ def test_trainable_count_is_analytic_and_base_is_unchanged(dense_run, dense_ckpt
         assert torch.equal(dense_run["params"][name], base[name]), name  # bitwise
     adapters_b = [n for n in dense_run["trainable"] if "lora_B" in n]
     assert adapters_b and all(dense_run["params"][n].abs().max() > 0 for n in adapters_b)  # B trained
+
+
+def test_mfu_counts_the_placed_adapters(dense_run):
+    """The trainer's step FLOPs are train/flops.py's for the adapters as placed (the LoraSpec `vlmtune plan`
+    reads): frozen base, 6 per adapter parameter and token."""
+    spec, args = dense_run["spec"], dense_run["args"]
+    assert spec.linears and sum(spec.adapter_params.values()) > 0 and spec.saved == ("visual.merger",)
+    for micro, counted in dense_run["steps"]:
+        assert counted == sum(micro_batch_flops(args, b, Trainable(), lora=spec) for b in micro)
+        assert counted != sum(micro_batch_flops(args, b, Trainable()) for b in micro)
 
 
 def test_checkpoint_holds_only_adapters_and_their_optimizer_state(dense_run):

@@ -14,15 +14,16 @@ from vlmtune.cli import main
 from vlmtune.models.qwen3_vl import args_from_hf_dict
 from vlmtune.testing import tiny_config_dict
 from vlmtune.train.config import load
+from vlmtune.train.lora import LoraSetup, analytic_trainable
 from vlmtune.train.plan import GPUS, Hardware, make_workload
 from vlmtune.train.plan_activations import checkpointed_blocks
-from vlmtune.train.plan_memory import Layout, Precision, build_meta_model, param_records, state_memory
-from vlmtune.train.plan_search import candidate_layouts, lora_spec, make_context
+from vlmtune.train.plan_memory import Layout, Precision, build_meta_model, state_memory
+from vlmtune.train.plan_search import candidate_layouts, make_context
 
 MOE = {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32}
 
 
-def write_run(tmp_path, *, moe=None, index=None, visual=None, **train) -> str:
+def write_run(tmp_path, *, moe=None, index=None, visual=None, lora=None, **train) -> str:
     """A tiny model's config.json (no weights) and a training YAML pointing at it; returns the YAML path."""
     model = tmp_path / "model"
     model.mkdir()
@@ -38,6 +39,7 @@ def write_run(tmp_path, *, moe=None, index=None, visual=None, **train) -> str:
         "data": {"dataset": "train.json", "cache_dir": str(cache), "cutoff_len": 512},
         "train": {"train_iters": 10, "micro_batch_tokens": 1024, "global_batch_tokens": 8192, **train},
         "logging": {"tensorboard": False},
+        **({"lora": lora} if lora else {}),
     }
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -202,24 +204,58 @@ def test_moe_layouts_use_expert_parallelism_and_no_pipeline(tmp_path):
     assert four.unit_gathered["language_model.layers.0.experts"] == 8 // 4 * 3 * 64 * 32 * 4
 
 
-def test_lora_and_context_parallel_keys_are_read_when_present():
-    assert lora_spec(SimpleNamespace()) is None
-    assert lora_spec(SimpleNamespace(lora={"rank": 0})) is None
-    spec = lora_spec(SimpleNamespace(lora=SimpleNamespace(rank=8, targets=["q_proj", "gate_proj"])))
-    assert (spec.rank, spec.targets) == (8, ["q_proj", "gate_proj"])
+def test_context_parallel_key_is_read_when_present():
     parallel = SimpleNamespace(
         dp_replicate=1, dp_shard=2, tp=1, pp=1, ep=1, llm_pp_layers=[], pp_schedule="1f1b"
     )
     assert Layout.from_parallel(parallel).cp == 1
     assert Layout.from_parallel(SimpleNamespace(**vars(parallel), cp=2)).world == 4
+
+
+def test_lora_plan_counts_the_adapters_the_trainer_places(tmp_path, capsys):
+    lora = {"rank": 8, "vision_projector": True, "modules_to_save": ["merger"]}
+    cfg_path = write_run(tmp_path, lora=lora, mixed_precision="bf16")
+    plan = run_json(capsys, cfg_path, "--gpus-per-node", "1")
+    summary = plan["model"]["lora"]
+    cfg = load(cfg_path, check_paths=False)
     args = args_from_hf_dict(tiny_config_dict())
-    records = param_records(build_meta_model(args))
-    mixed = Precision(torch.float32, torch.bfloat16, torch.float32)
-    full = state_memory(records, Layout(), mixed, args=args)
-    lora = state_memory(records, Layout(), mixed, args=args, lora=spec)
-    assert lora.params_frozen == full.params / 2  # the base in bf16
-    adapters = 3 * 8 * ((64 + 64) + (64 + 128))  # 3 layers x rank 8 x (q: 64 -> 64, gate: 64 -> 128)
-    assert lora.grads == adapters * 4 and lora.optimizer == 2 * adapters * 4
+    setup = LoraSetup(cfg, args, seed=0, master_dtype=torch.float32, compute_dtype=torch.bfloat16)
+    trainable = analytic_trainable(args, setup)  # from the model's dimensions, not from the placed model
+    assert summary["trainable_parameters"] == trainable
+    # 3 layers x 7 decoder Linears, fc1 + fc2 of the 2 DeepStack mergers (the merger is trained whole)
+    assert (summary["adapted_modules"], summary["modules_to_save"]) == (3 * 7 + 2 * 2, ["visual.merger"])
+    # One rank: the adapters and the merger in fp32 with fp32 gradients and AdamW state, the rest in bf16.
+    states = plan["configured"]["states"]
+    model = build_meta_model(args)
+    base, merger = (sum(p.numel() for p in m.parameters()) for m in (model, model.visual.merger))
+    assert states["grads"] == 4 * trainable and states["optimizer"] == 8 * trainable
+    assert states["params"] == 4 * trainable + 2 * (base - merger)
+    assert main(["plan", cfg_path, "--gpus-per-node", "1"]) == 0
+    out = capsys.readouterr().out
+    line = "lora      rank 8 on 25 modules, visual.merger trained whole; frozen base in bfloat16; "
+    assert line in out and f"{trainable / 1e6:.1f}M trainable parameters in float32" in out
+
+
+def test_qlora_plan_stores_the_decoder_in_nf4_and_suggests_no_tp_or_pp(tmp_path, capsys):
+    cfg = write_run(tmp_path, lora={"rank": 8, "base_quant": "nf4"}, mixed_precision="bf16")
+    plain = run_json(capsys, cfg, "--gpus-per-node", "4", "--lora.base_quant=none")
+    qlora = run_json(capsys, cfg, "--gpus-per-node", "4")
+    assert qlora["configured"]["states"]["params"] < plain["configured"]["states"]["params"]
+    assert qlora["configured"]["states"]["grads"] == plain["configured"]["states"]["grads"]
+    hw = Hardware(GPUS["h100-80g"], 1, 4, 989.0)
+    searched = {
+        quant: {(lay.tp, lay.pp) for lay in candidate_layouts(make_context(cfg_q, hw), pipeline_ok=True)}
+        for quant, cfg_q in (
+            ("none", load(cfg, ["--lora.base_quant=none"], check_paths=False)),
+            ("nf4", load(cfg, check_paths=False)),
+        )
+    }
+    assert {(2, 1), (1, 2)} <= searched["none"] and searched["nf4"] == {(1, 1)}  # NF4: no tp, no pp
+    assert qlora["suggestions"] and all(
+        (s["layout"]["tp"], s["layout"]["pp"]) == (1, 1) for s in qlora["suggestions"]
+    )
+    assert main(["plan", cfg, "--gpus-per-node", "4"]) == 0
+    assert "frozen base in bfloat16, decoder Linears NF4" in capsys.readouterr().out
 
 
 def test_activation_checkpointing_modes():

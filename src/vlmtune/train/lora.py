@@ -29,6 +29,7 @@ from vlmtune.models.qwen3_vl.lora import (
     initial_value,
     is_adapter,
     modules_named,
+    placed,
     select_targets,
 )
 from vlmtune.options import option as _f
@@ -158,6 +159,9 @@ class LoraSetup:
         self.cfg, self.spec, self.seed = cfg.lora, spec_from(cfg.lora), seed
         self.master_dtype, self.compute_dtype = master_dtype, compute_dtype
         self.linears, self.experts, self.saved = check_lora_model(cfg, args)
+        whole = build_model(args)  # meta: the whole model's placement (a pipeline stage holds part of it)
+        self.apply(whole)
+        self.spec = placed(self.spec, whole, self.saved)  # what MFU and `vlmtune plan` count
 
     def apply(self, model: nn.Module) -> None:
         """Adapters on the (meta) model, their TP placements, base frozen in the compute dtype."""

@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 
 from vlmtune.data.loader import first_fit_decreasing
 from vlmtune.models.qwen3_vl.config import ModelArgs
+from vlmtune.models.qwen3_vl.lora import LoraSpec
 
-from .flops import PEAK_TFLOPS, Flops, LoraSpec, Trainable, model_flops, recompute_flops
+from .flops import PEAK_TFLOPS, Flops, Trainable, changes_of, model_flops, recompute_flops, vision_flow
+from .lora import LoraSetup
 from .plan_activations import (
     Activations,
     ActivationSpec,
@@ -257,7 +259,7 @@ class Context:
     records: list
     precision: Precision
     trainable: Trainable
-    lora: LoraSpec | None
+    lora: LoraSetup | None  # a LoRA run's adapters, as the trainer places them (its `spec`)
     hardware: Hardware
     make_workload: Callable[[int], Workload]  # micro-batch token budget -> its micro-batches
     accumulation: Callable[[int, int], int]  # (budget, data-parallel size) -> micro-batches per rank per step
@@ -268,12 +270,16 @@ class Context:
         """FlashAttention runs in bf16 / fp16 only; fp32 compute takes SDPA with the boolean mask."""
         return "sdpa" if self.precision.compute.itemsize == 4 else "flash"
 
+    @property
+    def lora_spec(self) -> LoraSpec | None:
+        return self.lora.spec if self.lora is not None else None
+
     _workloads: dict = field(default_factory=dict)
 
     def workload(self, budget: int) -> Workload:
         if budget not in self._workloads:
             work = self.make_workload(budget)
-            work.measure_flops(self.args, self.trainable, self.lora)
+            work.measure_flops(self.args, self.trainable, self.lora_spec)
             self._workloads[budget] = work
         return self._workloads[budget]
 
@@ -286,13 +292,13 @@ def estimate(ctx: Context, layout: Layout, ac: str, budget: int) -> Estimate:
     worst = None
     for rank in range(layout.pp):
         layers, first, last = stages_of_rank(layout, a.text.num_hidden_layers, rank)
-        states = state_memory(ctx.records, layout, ctx.precision, args=a, lora=ctx.lora, rank=rank)
+        states = state_memory(ctx.records, layout, ctx.precision, args=a, rank=rank)
         batch = work.largest
         if layout.pp > 1 and batch.tokens < budget:  # pipeline micro-batches are padded to the budget
             batch = MicroBatch([*batch.sample_lengths, budget - batch.tokens], batch.grids)
         spec = ActivationSpec(
             a, batch, compute_bytes=ctx.precision.compute.itemsize, kernel=ctx.kernel, trainable=ctx.trainable,
-            lora=ctx.lora, checkpointed=ckpt, attention_recompute=attention_only, tp=layout.tp, cp=layout.cp,
+            lora=ctx.lora_spec, checkpointed=ckpt, attention_recompute=attention_only, tp=layout.tp, cp=layout.cp,
             ep=layout.ep, decoder_layers=sorted(layers), has_vision=first, has_head=last,
             loss_chunk=ctx.loss_chunk, pipeline=layout.pp > 1,
         )  # fmt: skip
@@ -330,7 +336,9 @@ def _predict_time(ctx: Context, est: Estimate, ckpt: frozenset, attention_only: 
     c = ctx.precision.compute.itemsize
     work = ctx.workload(est.micro_batch_tokens)
     peak = hw.peak_tflops * 1e12
-    n_vis = sum(1 for i in ckpt if i < a.vision.depth) if ctx.trainable.vision_encoder else 0
+    # A checkpointed vision block is recomputed only where a gradient flows through it.
+    blocks = vision_flow(a.vision, changes_of(ctx.trainable, ctx.lora_spec)).blocks
+    n_vis = sum(1 for i in ckpt if i < a.vision.depth and blocks[i].output)
     n_dec = sum(1 for i in ckpt if i >= a.vision.depth)
     share = max(layout.llm_pp_layers) / a.text.num_hidden_layers if layout.pp > 1 else 1.0
     recompute = share * n_dec * work.layer_forward + n_vis * work.block_forward

@@ -141,14 +141,26 @@ def _sharding(p) -> str:
     return ", ".join(parts)
 
 
-def format_estimate(e, precision: dict) -> list[str]:
+def _parameters_line(e, precision: dict, lora: dict | None) -> str:
+    s, master = e.states, precision["master"]
+    if lora is None:
+        what = f"{master} master weights, {_sharding(e.layout)}; frozen {s.params_frozen / GiB:.2f}"
+    else:
+        nf4 = " (decoder Linears NF4)" if lora["base_quant"] == "nf4" else ""
+        what = (
+            f"frozen base {s.params_frozen / GiB:.2f} in {precision['compute']}{nf4}, trained "
+            f"{(s.params - s.params_frozen) / GiB:.2f} in {master}; {_sharding(e.layout)}"
+        )
+    return f"    parameters        {_gib(s.params)}   {what}"
+
+
+def format_estimate(e, precision: dict, lora: dict | None = None) -> list[str]:
     s, a, c = e.states, e.activations, e.comm
     master, compute, reduce = precision["master"], precision["compute"], precision["reduce"]
     lines = [
         "  per rank (GiB)"
         + (f", pipeline stages hold {e.in_flight} micro-batches" if e.in_flight > 1 else ""),
-        f"    parameters        {_gib(s.params)}   {master} master weights, {_sharding(e.layout)}; "
-        f"frozen {s.params_frozen / GiB:.2f}",
+        _parameters_line(e, precision, lora),
         f"    gradients         {_gib(s.grads)}   {master}, reduce-scattered in {reduce}",
         f"    optimizer         {_gib(s.optimizer)}   AdamW exp_avg + exp_avg_sq in {master} "
         f"(+ {s.optimizer_host / 2**10:.1f} KiB of step counters on the host)",
@@ -178,6 +190,19 @@ def format_estimate(e, precision: dict) -> list[str]:
     return lines
 
 
+def _lora_lines(lora: dict | None, precision: dict) -> list[str]:
+    if lora is None:
+        return []
+    base = f"frozen base in {precision['compute']}" + (
+        ", decoder Linears NF4" if lora["base_quant"] == "nf4" else ""
+    )
+    saved = f", {', '.join(lora['modules_to_save'])} trained whole" if lora["modules_to_save"] else ""
+    return [
+        f"lora      rank {lora['rank']} on {lora['adapted_modules']} modules{saved}; {base}; "
+        f"{lora['trainable_parameters'] / 1e6:.1f}M trainable parameters in {precision['master']}"
+    ]
+
+
 def format_plan(plan) -> str:
     m, h = plan.model, plan.hardware
     peak = f"{h['peak_tflops']:g} TFLOP/s dense bf16" if h["peak_tflops"] else "peak unknown"
@@ -186,6 +211,7 @@ def format_plan(plan) -> str:
         f"model     {m['type']}: {m['parameters'] / 1e9:.2f}B parameters, "
         f"{m['active_decoder_parameters'] / 1e9:.2f}B active decoder parameters per token; "
         f"{m['decoder_layers']} decoder layers, {m['vision_blocks']} vision blocks",
+        *_lora_lines(m["lora"], plan.precision),
         f"hardware  {h['nodes']} x {h['gpus_per_node']} {h['gpu']} ({h['memory_gib']:g} GiB, {peak})",
         f"data      {plan.workload}",
         "",
@@ -193,7 +219,7 @@ def format_plan(plan) -> str:
     if plan.configured is not None:
         lines += [
             "configured: " + _layout_line(plan.configured),
-            *format_estimate(plan.configured, plan.precision),
+            *format_estimate(plan.configured, plan.precision, m["lora"]),
         ]
     else:
         lines.append(f"configured layout cannot run: {plan.configured_error}")

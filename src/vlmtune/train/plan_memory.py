@@ -3,6 +3,9 @@
 The byte counts are those FSDP2 and DTensor allocate: every parameter is placed (pipeline stage,
 tensor-parallel shard, expert shard, FSDP unit) and FSDP2's per-parameter padding of dim 0 to a multiple of
 the shard count is applied (every rank allocates the padded shard; rank 0 holds the largest real one).
+Each parameter is stored in its own dtype: the records come from the model the trainer builds (freezing and,
+for a LoRA run, the real adapters of `train/lora.py` with the base frozen in the compute dtype), and QLoRA's
+NF4 weights take the bytes torchao allocates (`qlora.nf4_bytes`).
 Context-parallel ranks are FSDP shards too (the trainer shards over dp_shard x cp, `parallel/context.py`).
 """
 
@@ -16,12 +19,13 @@ import torch
 from torch import nn
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
-from vlmtune.models.qwen3_vl import Qwen3VL
+from vlmtune.models.qwen3_vl import Qwen3VL, build_model
 from vlmtune.models.qwen3_vl.config import ModelArgs
+from vlmtune.models.qwen3_vl.lora import LoRALinear
 from vlmtune.parallel.tensor import MERGER_PLAN, VISION_BLOCK_PLAN, decoder_plan
 
-from .flops import LoraSpec, lora_params
 from .freeze import apply_freeze
+from .qlora import nf4_bytes, quantizable
 
 GiB = 2**30
 
@@ -79,20 +83,28 @@ class ParamRecord:
     stage_key: str  # "vision", "embed", "layer:<i>", "head"
     tp_dim: int | None  # dimension sharded by tensor parallelism (None: replicated)
     expert: bool
+    itemsize: int = 4  # bytes per element as stored (and of its gradient and AdamW state)
+    nf4: bool = False  # QLoRA stores it as NF4 where a layout fits (`qlora.nf4_bytes`)
 
 
 def _tp_dims(model: Qwen3VL) -> dict[str, int]:
-    """{parameter name: sharded dim} from the tensor-parallel plans of `parallel/tensor.py`."""
+    """{parameter name: sharded dim} from the tensor-parallel plans of `parallel/tensor.py`, and for LoRA
+    adapters the placements `parallel/lora_tp.py` gives them (column-parallel base: B on dim 0; row-parallel
+    base: A on dim 1)."""
     out = {"language_model.embed_tokens.weight": 0, "lm_head.weight": 0}
 
     def add(prefix: str, plan: dict, module: nn.Module) -> None:
         for path, style in plan.items():
-            for pname, _ in module.get_submodule(path).named_parameters():
+            sub = module.get_submodule(path)
+            for pname, _ in sub.named_parameters(recurse=False):
                 full = f"{prefix}.{path}.{pname}"
                 if isinstance(style, ColwiseParallel):
                     out[full] = 0
                 elif isinstance(style, RowwiseParallel) and pname == "weight":
                     out[full] = 1
+            if isinstance(sub, LoRALinear):
+                adapter = "lora_B" if isinstance(style, ColwiseParallel) else "lora_A"
+                out[f"{prefix}.{path}.{adapter}.weight"] = 0 if adapter == "lora_B" else 1
 
     for i, layer in model.language_model.layers.items():
         add(f"language_model.layers.{i}", decoder_plan(layer), layer)
@@ -104,8 +116,9 @@ def _tp_dims(model: Qwen3VL) -> dict[str, int]:
     return out
 
 
-def param_records(model: Qwen3VL) -> list[ParamRecord]:
-    """Every parameter of a (meta) model with where it lives; tied parameters once."""
+def param_records(model: Qwen3VL, nf4: bool = False) -> list[ParamRecord]:
+    """Every parameter of a (meta) model with where it lives and its dtype; tied parameters once. `nf4`: a
+    QLoRA run (`lora.base_quant: nf4`), whose frozen decoder projections become NF4."""
     tp_dims = _tp_dims(model)
     out = []
     for name, p in model.named_parameters():
@@ -118,7 +131,12 @@ def param_records(model: Qwen3VL) -> list[ParamRecord]:
             stage = f"layer:{block.group(2)}"
         else:
             stage = "head"
-        out.append(ParamRecord(name, tuple(p.shape), p.requires_grad, unit, stage, tp_dims.get(name), expert))
+        module, _, leaf = name.rpartition(".")
+        quantized = nf4 and leaf == "weight" and quantizable(module) and not p.requires_grad
+        out.append(ParamRecord(
+            name, tuple(p.shape), p.requires_grad, unit, stage, tp_dims.get(name), expert,
+            p.dtype.itemsize, quantized,
+        ))  # fmt: skip
     return out
 
 
@@ -193,51 +211,49 @@ def state_memory(
     precision: Precision,
     *,
     args: ModelArgs,
-    lora: LoraSpec | None = None,
     rank: int = 0,
     dp_rank: int = 0,
 ) -> StateMemory:
     """Parameters, gradients and AdamW state of pipeline rank `rank`, data-parallel rank `dp_rank` (rank 0
-    holds the largest shards; AdamW's state covers only a shard's real rows, not FSDP's padding).
-
-    With LoRA the base weights are frozen and stored in the compute dtype; the adapters train in the
-    master dtype, sharded like their base layer."""
+    holds the largest shards; AdamW's state covers only a shard's real rows, not FSDP's padding). Each
+    parameter, its gradient and its AdamW state are in the parameter's own dtype (a LoRA run's frozen base in
+    the compute dtype, its adapters in the master dtype); FSDP gathers in the compute dtype."""
     layers, first, last = stages_of_rank(layout, args.text.num_hidden_layers, rank)
     out = StateMemory()
-    master, compute = precision.master.itemsize, precision.compute.itemsize
+    compute = precision.compute.itemsize
     for r in records:
         if not _on_rank(r, layers, first, last):
             continue
         local, shards, real = _local_numel(r, layout, dp_rank)
-        trains = r.trainable and lora is None
-        stored = compute if lora is not None else master
-        out.params += local * stored
         unit = _unit_name(r, layout)
-        out.unit_gathered[unit] = out.unit_gathered.get(unit, 0.0) + local * shards * compute
-        if trains:
-            out.grads += _grad_numel(r, layout, local) * master
-            out.optimizer += 2 * real * master
+        # QLoRA quantizes for the whole FSDP mesh (dp x cp ranks) and FSDP2 splits over its shard dimension.
+        fsdp, split = layout.dp * layout.cp, layout.dp_shard * layout.cp
+        nf4 = nf4_bytes(r.shape, r.itemsize, fsdp, split) if r.nf4 else None
+        stored = local * r.itemsize if nf4 is None else nf4
+        out.params += stored
+        if nf4 is None or fsdp > 1:  # on a one-rank FSDP mesh NF4 weights stay outside FSDP
+            gathered = local * shards * compute if nf4 is None else nf4 * split
+            out.unit_gathered[unit] = out.unit_gathered.get(unit, 0.0) + gathered
+        if r.trainable:
+            out.grads += _grad_numel(r, layout, local) * r.itemsize
+            out.optimizer += 2 * real * r.itemsize
             out.optimizer_host += 4
             out.unit_trainable[unit] = out.unit_trainable.get(unit, 0.0) + local * shards
             if r.stage_key == "head":
                 out.head_trainable += local * shards
         else:
-            out.params_frozen += local * stored
-    if lora is not None:
-        share = len(layers) / args.text.num_hidden_layers
-        adapters = lora_params(args.text, lora) * share / (layout.dp_shard * layout.cp) / layout.tp
-        out.params += adapters * master
-        out.grads += adapters * master
-        out.optimizer += 2 * adapters * master
+            out.params_frozen += stored
     return out
 
 
-def build_meta_model(args: ModelArgs, freeze=None) -> Qwen3VL:
-    """The model on the meta device (no memory), with the config's freeze groups applied."""
-    with torch.device("meta"):
-        model = Qwen3VL(args)
+def build_meta_model(args: ModelArgs, freeze=None, dtype=None, lora=None) -> Qwen3VL:
+    """The model on the meta device (no memory) as the trainer builds it: in `dtype` (the master dtype), the
+    config's freeze groups applied, and with `lora` (a `train/lora.py` LoraSetup) its real adapters."""
+    model = build_model(args, dtype=dtype)
     if freeze is not None:
         apply_freeze(model, freeze)
+    if lora is not None:
+        lora.apply(model)
     return model
 
 

@@ -10,13 +10,15 @@ from dataclasses import dataclass, field, replace
 from vlmtune.errors import ParallelError
 from vlmtune.models.qwen3_vl import load_config
 from vlmtune.models.qwen3_vl.config import ModelArgs
+from vlmtune.models.qwen3_vl.lora import is_adapter
 from vlmtune.parallel.context import context_sizes
 from vlmtune.parallel.fsdp import AC_MODES
 from vlmtune.parallel.layout import even_split, resolve
 from vlmtune.parallel.tensor import validate_tensor_parallel
 
 from .config import TrainConfig
-from .flops import LoraSpec, Trainable, active_decoder_params
+from .flops import Trainable, active_decoder_params
+from .lora import LoraSetup
 from .plan import HEADROOM, RUNTIME_RESERVE_GIB, Context, Estimate, Hardware, estimate, make_workload
 from .plan_memory import Layout, Precision, build_meta_model, param_records
 from .run_setup import accumulation_steps
@@ -24,17 +26,13 @@ from .run_setup import accumulation_steps
 MAX_SUGGESTIONS = 5
 
 
-def lora_spec(cfg: TrainConfig) -> LoraSpec | None:
-    """The config's `lora:` section (rank, targets) when it has one with a positive rank."""
-    section = getattr(cfg, "lora", None)
-    if section is None:
+def lora_setup(cfg: TrainConfig, args: ModelArgs, precision: Precision) -> LoraSetup | None:
+    """The adapters the trainer would place for the config's `lora:` section (None without LoRA)."""
+    if not cfg.lora.rank:
         return None
-    get = section.get if isinstance(section, dict) else lambda k, d=None: getattr(section, k, d)
-    rank = int(get("rank", 0) or 0)
-    if rank <= 0 or get("enabled", True) is False:
-        return None
-    targets = get("targets", None)
-    return LoraSpec(rank, list(targets)) if targets else LoraSpec(rank)
+    return LoraSetup(
+        cfg, args, seed=cfg.train.seed, master_dtype=precision.master, compute_dtype=precision.compute
+    )
 
 
 def max_image_patches(cfg: TrainConfig, args: ModelArgs) -> int:
@@ -52,9 +50,11 @@ def max_image_patches(cfg: TrainConfig, args: ModelArgs) -> int:
 
 def make_context(cfg: TrainConfig, hardware: Hardware, vision_share: float | None = None) -> Context:
     args = load_config(cfg.model.init_from_hf)
-    lora = lora_spec(cfg)
+    precision = Precision.from_config(cfg)
+    lora = lora_setup(cfg, args, precision)
     trainable = Trainable.from_freeze(cfg.freeze)
-    model = build_meta_model(args, cfg.freeze)
+    model = build_meta_model(args, cfg.freeze, precision.master, lora)
+    records = param_records(model, nf4=lora is not None and cfg.lora.base_quant == "nf4")
     patches = max_image_patches(cfg, args)
 
     def make(budget: int):
@@ -67,8 +67,7 @@ def make_context(cfg: TrainConfig, hardware: Hardware, vision_share: float | Non
         return accumulation_steps(cfg_b, max(1, len(work.bins) // dp), samples, dp)
 
     ctx = Context(
-        args, param_records(model), Precision.from_config(cfg), trainable, lora, hardware, make, accumulation,
-        loss_chunk=cfg.loss.chunk_size,
+        args, records, precision, trainable, lora, hardware, make, accumulation, loss_chunk=cfg.loss.chunk_size,
     )  # fmt: skip
     return ctx  # `accumulation` reads ctx's cached workloads
 
@@ -80,10 +79,13 @@ def _divisors(n: int, limit: int | None = None) -> list[int]:
 def candidate_layouts(ctx: Context, pipeline_ok: bool) -> list[Layout]:
     """Layouts of the world that the trainer runs: tensor parallelism inside a node, pipelines (with tp and
     MoE too; `pipeline_ok` False leaves them out), expert parallelism over data-parallel ranks, HSDP across
-    nodes, context parallelism without pipelines (cp sizes Ulysses can run, up to 8)."""
+    nodes, context parallelism without pipelines (cp sizes Ulysses can run, up to 8). QLoRA (NF4) runs
+    without tp and pp."""
     a, hw = ctx.args, ctx.hardware
+    nf4 = ctx.lora is not None and ctx.lora.cfg.base_quant == "nf4"
+    pipeline_ok = pipeline_ok and not nf4
     out = []
-    for tp in _divisors(hw.gpus_per_node):
+    for tp in [1] if nf4 else _divisors(hw.gpus_per_node):
         try:
             validate_tensor_parallel(a, tp)
         except ParallelError:
@@ -171,7 +173,7 @@ def make_plan(
     except ParallelError as e:
         error = str(e)
     budgets = sorted({b for b in (budget // 2, budget, budget * 2) if b >= max(work.longest_sample, 256)})
-    n_params = sum(math.prod(r.shape) for r in ctx.records)
+    n_params = sum(math.prod(r.shape) for r in ctx.records if not is_adapter(r.name))
     active = sum(active_decoder_params(a.text).values())
     return Plan(
         config=config_path,
@@ -182,6 +184,7 @@ def make_plan(
             "active_decoder_parameters": active,
             "decoder_layers": a.text.num_hidden_layers,
             "vision_blocks": a.vision.depth,
+            "lora": lora_summary(ctx),
         },
         hardware={
             "gpu": hardware.gpu.name,
@@ -200,6 +203,21 @@ def make_plan(
         suggestions=suggest(ctx, cfg, budgets),
         assumptions=assumptions(ctx),
     )
+
+
+def lora_summary(ctx: Context) -> dict | None:
+    """The LoRA run as placed: rank, adapted modules, trainable parameters (adapters by site, modules trained
+    whole), how the frozen base is stored."""
+    if ctx.lora is None:
+        return None
+    lo, spec = ctx.lora.cfg, ctx.lora.spec
+    return {
+        "rank": spec.rank, "alpha": spec.alpha, "dropout": spec.dropout, "targets": list(lo.targets),
+        "base_quant": lo.base_quant, "adapted_modules": len(spec.linears) + len(spec.experts),
+        "modules_to_save": list(spec.saved),
+        "trainable_parameters": sum(math.prod(r.shape) for r in ctx.records if r.trainable),
+        "adapter_parameters": spec.adapter_params,
+    }  # fmt: skip
 
 
 def assumptions(ctx: Context) -> list[str]:

@@ -38,6 +38,33 @@ def _scaler_block(shape, shards: int) -> int | None:
     return fits[0] if fits and blocks % shards == 0 else None
 
 
+def quantizable(module_name: str) -> bool:
+    """Whether QLoRA stores this Linear of `Qwen3VL` (by module name) as NF4: the decoder's projections."""
+    return _QUANTIZED.fullmatch(module_name) is not None
+
+
+def nf4_bytes(shape, itemsize: int, shards: int = 1, split: int | None = None) -> int | None:
+    """Bytes one rank allocates for an NF4 weight of 2-D `shape` quantized from `itemsize`-byte values by
+    `quantize_decoder(model, shards)` and split by FSDP2 in `split` parts (default `shards`; 1: kept whole);
+    None: no NF4 layout fits, the weight stays in the compute dtype.
+
+    Read off torchao 0.18's `NF4Tensor` (tests/test_plan.py checks it against real allocations), for N
+    weights in blocks of 64 with block scales in groups of S (`_scaler_block`): the 4-bit codes N/2 bytes,
+    the int8 block scales N/64, the S-group factors N/64/S values of the weight's dtype (a whole matrix that is
+    one group keeps the [S]-value tensor its one factor was sliced from), the scales' mean one value and the
+    16-value NF4 table; FSDP2 splits the codes, scales and factors, every rank keeps a mean and a table.
+    Per weight of a large matrix this is 1/2 + 1/64 + itemsize/(64 S) bytes: 0.5157 from bf16, S = 256."""
+    scaler = _scaler_block(shape, shards)
+    if scaler is None:
+        return None
+    split = shards if split is None else split
+    numel = shape[0] * shape[1]
+    factors = numel // NF4_BLOCK // scaler
+    if split == 1 and factors == 1:
+        factors = scaler
+    return (numel // 2 + numel // NF4_BLOCK) // split + (factors // split + 17) * itemsize
+
+
 @torch.no_grad()
 def quantize_decoder(model: nn.Module, shards: int = 1) -> list[str]:
     """Replace the decoder's attention and MLP projection weights by NF4 tensors (that FSDP2 can split in
@@ -46,7 +73,7 @@ def quantize_decoder(model: nn.Module, shards: int = 1) -> list[str]:
 
     quantized = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and _QUANTIZED.fullmatch(name):
+        if isinstance(module, nn.Linear) and quantizable(name):
             scaler = _scaler_block(module.weight.shape, shards)
             if scaler is None:
                 log.warning(

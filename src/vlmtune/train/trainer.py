@@ -217,7 +217,8 @@ class Trainer:
         self.step += 1
         # Samples and model FLOPs of the step over all data shards (tensor / pipeline ranks share theirs).
         trainable = Trainable.from_freeze(self.cfg.freeze)
-        flops = sum(micro_batch_flops(self.args, b, trainable) for b in micro)
+        lora = self.lora.spec if self.lora is not None else None  # adapters as placed on the whole model
+        flops = sum(micro_batch_flops(self.args, b, trainable, lora=lora) for b in micro)
         samples, result.flops = all_reduce_host(
             [sum(len(b.sample_ids) for b in micro), flops], self.info.dp_group
         )

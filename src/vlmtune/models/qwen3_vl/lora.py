@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import re
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -55,14 +55,69 @@ EXPERT_KINDS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_pr
 
 @dataclass(frozen=True)
 class LoraSpec:
+    """A LoRA run: the adapters' hyperparameters and, once `placed` on the model, where they sit.
+
+    The placed fields are read off the model with its real adapters (`add_adapters`, freezing): FLOPs
+    (train/flops.py), activation and memory plans and the trainer's MFU all read this one description.
+    `adapter_params` and `saved_params` count parameters by `SITES` entry: the adapters, and the matmul
+    weights of the modules trained whole (`modules_to_save`; biases and norms are additions, an embedding is
+    a lookup)."""
+
     rank: int
     alpha: float
     dropout: float = 0.0
     use_rslora: bool = False
+    linears: frozenset[str] = frozenset()  # Linears with an adapter (module names)
+    experts: dict[str, tuple[str, ...]] = field(default_factory=dict)  # adapted experts -> their projections
+    saved: tuple[str, ...] = ()  # modules trained whole
+    adapter_params: dict[str, int] = field(default_factory=dict)
+    saved_params: dict[str, int] = field(default_factory=dict)
 
     @property
     def scale(self) -> float:
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+    def trains(self, module: str) -> bool:
+        """Whether `module`'s own weights train: it is (inside) a module trained whole."""
+        return any(module == m or module.startswith(m + ".") for m in self.saved)
+
+
+# What a parameter runs on: every decoder token, the experts (a token visits top_k / num_experts of them),
+# every vision patch, every merged vision token (the mergers), every label token (lm_head).
+SITES = ("decoder", "experts", "vision", "projector", "lm_head")
+
+
+def site_of(module_name: str) -> str:
+    """The `SITES` entry of a module of `Qwen3VL` by its name."""
+    if module_name.startswith(("visual.merger", "visual.deepstack_merger_list")):
+        return "projector"
+    if module_name.startswith("visual."):
+        return "vision"
+    if module_name.startswith("lm_head"):
+        return "lm_head"
+    return "experts" if ".mlp.experts" in module_name else "decoder"
+
+
+def placed(spec: LoraSpec, model: nn.Module, saved) -> LoraSpec:
+    """`spec` placed on `model` (after `add_adapters` and freezing), `saved` the modules trained whole."""
+    adapters, whole = dict.fromkeys(SITES, 0), dict.fromkeys(SITES, 0)
+    linears, experts = set(), {}
+    for mname, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            linears.add(mname)
+        elif isinstance(module, LoRAExperts):
+            experts[mname] = tuple(module.lora_projections)
+        for pname, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            if is_adapter(f"{mname}.{pname}"):
+                adapters[site_of(mname)] += p.numel()
+            elif isinstance(module, (nn.Linear, Experts)) and p.ndim >= 2:  # a matmul's weight
+                whole[site_of(mname)] += p.numel()
+    return replace(
+        spec, linears=frozenset(linears), experts=experts, saved=tuple(saved), adapter_params=adapters,
+        saved_params=whole,
+    )  # fmt: skip
 
 
 def kind_of(name: str) -> tuple[str, str] | None:
