@@ -215,3 +215,36 @@ def test_qlora_forward_equals_the_dequantized_reference(tmp_path):
     with torch.no_grad():
         diff = (ours(**ours_kwargs(s)).logits - reference(**ours_kwargs(s)).logits).abs().max()
     assert diff < 1e-5
+
+
+def test_bf16_expert_adapters_of_rank_4_run_without_the_grouped_kernel(tmp_path):
+    """Rank-4 bf16 adapters have 8-byte rows, which no grouped GEMM kernel takes: the experts fall back to the
+    per-expert loop (the grouped result of rank 8 is checked against the loop too)."""
+    from vlmtune.models.qwen3_vl.moe import grouped_mm_supported
+
+    x = torch.zeros(6, 32, dtype=torch.bfloat16)
+    for rank, grouped in ((4, False), (8, True)):
+        a, b = torch.zeros(2, 32, rank, dtype=torch.bfloat16), torch.zeros(2, rank, 32, dtype=torch.bfloat16)
+        assert grouped_mm_supported(x, a, b) is grouped
+    make_tiny_checkpoint(
+        str(tmp_path), seed=0, text_layers=2, vision_depth=1, deepstack=(0,), assets=False, moe=MOE
+    )
+    losses = {}
+    for rank in (4, 8):
+        model = load_pretrained(str(tmp_path), dtype=torch.bfloat16)
+        add_adapters(
+            model,
+            *select_targets(model, ("gate_proj", "up_proj", "down_proj"), ("text_decoder",)),
+            LoraSpec(rank, 8),
+            torch.bfloat16,
+        )
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if is_adapter(name):
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
+        out = model(**ours_kwargs(sample()))
+        out.logits.float().square().mean().backward()
+        grads = [p.grad for n, p in model.named_parameters() if is_adapter(n)]
+        assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+        losses[rank] = out.logits.float()
+    assert all(torch.isfinite(v).all() for v in losses.values())

@@ -31,20 +31,21 @@ def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     Decided from devices, dtypes and shapes alone, so it traces under `torch.compile`."""
     if _grouped_mm is None:
         return False
+    # Both kernels need every row stride to be a multiple of 16 bytes (bf16 LoRA experts of rank 4 are not).
+    size = x.element_size()
+    strides = x.shape[-1] * size % 16 == 0 and all(d * size % 16 == 0 for w in weights for d in w.shape[1:])
     if x.device.type == "cuda":
-        # torch._grouped_mm alone (torch < 2.10) is Hopper-only; F.grouped_mm runs on sm80+. bf16 only, and
-        # every row stride a multiple of 16 bytes.
+        # torch._grouped_mm alone (torch < 2.10) is Hopper-only; F.grouped_mm runs on sm80+. bf16 only.
         need = (8, 0) if hasattr(F, "grouped_mm") else (9, 0)
-        aligned = all(d % 8 == 0 for w in weights for d in w.shape[1:]) and x.shape[-1] % 8 == 0
         index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-        return x.dtype == torch.bfloat16 and aligned and _cuda_capability(index) >= need
+        return x.dtype == torch.bfloat16 and strides and _cuda_capability(index) >= need
     if x.device.type == "cpu":
         # The CPU kernel exists from torch 2.9 (F.grouped_mm from 2.10) and takes fp32 too, but the compiler's
         # shape function accepts bf16 only.
         if torch.compiler.is_compiling():
-            return hasattr(F, "grouped_mm") and x.dtype == torch.bfloat16
+            return hasattr(F, "grouped_mm") and x.dtype == torch.bfloat16 and strides
         aligned = not _CPU_NEEDS_ALIGNED or all(t.data_ptr() % 16 == 0 for t in (x, *weights))
-        return hasattr(F, "grouped_mm") and aligned and x.dtype in (torch.float32, torch.bfloat16)
+        return hasattr(F, "grouped_mm") and aligned and strides and x.dtype in (torch.float32, torch.bfloat16)
     return False
 
 
