@@ -281,3 +281,23 @@ def test_help_lists_every_option(capsys):
         "--json",
     ):
         assert option in out
+
+
+def test_context_parallel_all_to_alls_are_exposed_time(tmp_path):
+    """cp2's Ulysses all-to-alls (q/k/v in, the output back, (cp - 1)/cp of each, forward, backward and the
+    full-checkpointing recompute) are exposed communication; FSDP's traffic spans dp_shard x cp."""
+    from vlmtune.train.plan import estimate
+
+    cfg = load(write_run(tmp_path, mixed_precision="bf16"), check_paths=False)
+    ctx = make_context(cfg, Hardware(GPUS["h100-80g"], 1, 2, 989.0))
+    t = ctx.args.text
+    for ac, passes in (("none", 2), ("full", 3)):
+        plain = estimate(ctx, Layout(dp_shard=2), ac, 1024)
+        split = estimate(ctx, Layout(dp_shard=1, cp=2), ac, 1024)
+        assert plain.time_parts["exposed_comm_s"] == 0
+        tokens = ctx.workload(1024).mean_tokens / 2
+        kv = max(t.num_key_value_heads, 2)  # repeated up to cp
+        sent = t.num_hidden_layers * tokens * 2 * (2 * t.num_attention_heads + 2 * kv) * t.head_dim / 2
+        want = passes * sent / (GPUS["h100-80g"].link_gbs * 1e9)
+        assert split.time_parts["exposed_comm_s"] == pytest.approx(want, rel=1e-12)
+        assert split.time_parts["fsdp_s"] == pytest.approx(plain.time_parts["fsdp_s"], rel=1e-12)

@@ -331,6 +331,18 @@ def _busiest_stage(ctx: Context, layout: Layout, f) -> float:
     )
 
 
+def _ulysses_bytes(t, layout: Layout, token_bytes: float) -> float:
+    """Bytes one rank sends in one pass (forward, backward or recompute) of the decoder's Ulysses all-to-alls
+    (parallel/context.py): q/k/v in, the attention output back, `(cp - 1)/cp` of its slice of each, for this
+    tensor-parallel rank's heads; key/value heads fewer than cp are repeated first. Not overlapped with
+    compute. `token_bytes`: this rank's tokens x the compute dtype's size. (The one vision-feature exchange
+    per micro-batch is left out: it is small beside these.)"""
+    if layout.cp == 1:
+        return 0.0
+    heads, kv = t.num_attention_heads // layout.tp, max(t.num_key_value_heads // layout.tp, layout.cp)
+    return t.num_hidden_layers * token_bytes * (2 * heads + 2 * kv) * t.head_dim * (layout.cp - 1) / layout.cp
+
+
 def _predict_time(ctx: Context, est: Estimate, ckpt: frozenset, attention_only: bool) -> None:
     a, hw, layout = ctx.args, ctx.hardware, est.layout
     c = ctx.precision.compute.itemsize
@@ -355,12 +367,17 @@ def _predict_time(ctx: Context, est: Estimate, ckpt: frozenset, attention_only: 
         sparse = sum(a.text.is_sparse_layer(i) for i in range(a.text.num_hidden_layers)) * share
         rows = tokens * a.text.num_experts_per_tok * a.text.hidden_size * c * (layout.ep - 1) / layout.ep
         ep_bytes = 2 * passes * sparse * rows
-    shard = layout.dp_shard
+    cp_bytes = _ulysses_bytes(a.text, layout, tokens * c) * (2 + (1 if n_dec else 0)) * share
+    shard = layout.dp_shard * layout.cp  # FSDP shards over dp_shard x cp
     gathered = sum(est.states.unit_gathered.values())
     reduced = sum(est.states.unit_trainable.values()) * ctx.precision.reduce.itemsize
     fsdp_bytes = (2 * gathered + reduced) * (shard - 1) / shard
     compute_s = compute_mb / (peak * hw.efficiency)
-    exposed_s = tp_bytes / hw.bandwidth(layout.tp) + ep_bytes / hw.bandwidth(layout.ep * layout.tp)
+    exposed_s = (
+        tp_bytes / hw.bandwidth(layout.tp)
+        + ep_bytes / hw.bandwidth(layout.ep * layout.tp)
+        + cp_bytes / hw.bandwidth(layout.cp * layout.tp)
+    )
     fsdp_s = fsdp_bytes / hw.bandwidth(shard * layout.tp)
     micro_s = max(compute_s + exposed_s, fsdp_s)
     step = (est.accumulation + layout.pp - 1) * micro_s

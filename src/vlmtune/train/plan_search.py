@@ -226,7 +226,7 @@ def assumptions(ctx: Context) -> list[str]:
         f"fits = peak <= {1 - HEADROOM:.0%} of GPU memory; the peak includes a {RUNTIME_RESERVE_GIB:g} GiB "
         "runtime reserve (CUDA context, NCCL, allocator)",
         f"time: the FLOPs that run reach {hw.efficiency:.0%} of the dense bf16 peak; FSDP traffic overlaps "
-        "compute; tensor-parallel all-reduces and expert all-to-alls do not",
+        "compute; tensor-parallel all-reduces and expert and context-parallel all-to-alls do not",
         f"bandwidth per GPU: {hw.gpu.link_gbs:g} GB/s inside a node, "
         f"{hw.inter_node_gbs:g} GB/s between nodes",
         "activations: "
