@@ -7,11 +7,12 @@ memory the training state holds (weights, gradients, optimizer state), step time
 
 Each mode trains in a fresh process (`vlmtune.train.trainer.Trainer`, one rank), so its peak is its own:
 on CUDA `torch.cuda.max_memory_allocated`, on the CPU the peak anonymous RSS minus the process's RSS
-before the trainer started. "state" counts parameter bytes (NF4 weights by their packed tensors), gradients
-(none between steps) and AdamW state, at the end of the run. Step time: the median over steps after the
+before the trainer started. "state" counts the storages of the parameters (NF4 weights: their inner
+tensors), gradients (none between steps) and AdamW state, at the end of the run. Step time: the median over steps after the
 first. QLoRA numerics: the relative error of the NF4 weights against the weights they quantize, and the
 loss of the first step against LoRA's (same initial adapters, so the loss gap is the quantization error).
-`gpu_peak_memory()` is what a GPU script calls for the 8B-width numbers.
+`gpu_peak_memory()` is what a GPU script calls for the 8B-width numbers. Each mode also reports what `vlmtune
+plan` predicts for the same run ("plan GiB": on CUDA the number to hold against `max_memory_allocated`).
 """
 
 from __future__ import annotations
@@ -92,18 +93,15 @@ class Peak:
         self.value = self.peak - self.base
 
 
-def _bytes(t: torch.Tensor) -> int:
-    t = t.to_local() if hasattr(t, "to_local") else t
-    if hasattr(t, "__tensor_flatten__"):  # NF4: its packed data, scales and factors
-        names, _ = t.__tensor_flatten__()
-        return sum(_bytes(getattr(t, n)) for n in names)
-    return t.numel() * t.element_size()
-
-
 def state_bytes(model, optimizer) -> dict:
-    params = sum(_bytes(p) for p in model.parameters())
-    grads = sum(_bytes(p.grad) for p in model.parameters() if p.grad is not None)
-    optim = sum(_bytes(v) for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))
+    """Bytes of the distinct storages of the parameters, gradients and AdamW moments (the `step` scalars,
+    host-side, left out), as `vlmtune plan` counts them."""
+    from vlmtune.testing import storage_bytes
+
+    state = [v for s in optimizer.state.values() for k, v in s.items() if k != "step" and torch.is_tensor(v)]
+    params = storage_bytes(model.parameters())
+    grads = storage_bytes(p.grad for p in model.parameters() if p.grad is not None)
+    optim = storage_bytes(state)
     return {"params": params, "grads": grads, "optimizer": optim, "total": params + grads + optim}
 
 
@@ -128,7 +126,7 @@ def config(mode: str, work: str, steps: int, device: str) -> dict:
         "output_dir": os.path.join(work, mode),
         "model": {"init_from_hf": os.path.join(work, "base")},
         "data": {"dataset": "train.json", "dataset_dir": os.path.join(work, "data"), "num_workers": 0,
-                 "image_min_pixels": 4096, "image_max_pixels": 9216},
+                 "image_min_pixels": 4096, "image_max_pixels": 9216, "cache_dir": os.path.join(work, "cache")},
         "train": {"train_iters": steps, "micro_batch_tokens": 512, "seed": 0, "device": device,
                   "mixed_precision": "bf16" if device == "cuda" else "fp32"},
         "optim": {"lr": 1e-4, "schedule": "constant"},
@@ -158,10 +156,26 @@ def child(mode: str, work: str, steps: int, device: str) -> dict:
         result["trainable"] = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     finally:
         close_distributed()
+    result["plan"] = plan_prediction(cfg, args)
     records = [r for r in read_metrics(cfg.output_dir) if "loss" in r]
     result["losses"] = [r["loss"] for r in records]
     result["step_s"] = statistics.median(r["tokens"] / r["tokens_per_s"] for r in records[1:] or records)
     return result
+
+
+def plan_prediction(cfg, args) -> dict:
+    """What `vlmtune plan` predicts for this run on one GPU (the length index the run wrote gives it the real
+    micro-batches): parameter and optimizer bytes, and the peak without the plan's runtime reserve (the CUDA
+    context and NCCL, which `max_memory_allocated` does not see)."""
+    from vlmtune.parallel.layout import resolve
+    from vlmtune.train.plan import GPUS, Hardware, estimate
+    from vlmtune.train.plan_memory import Layout
+    from vlmtune.train.plan_search import make_context
+
+    ctx = make_context(cfg, Hardware(GPUS["h200"], 1, 1, 989.0))
+    layout = Layout.from_parallel(resolve(cfg.parallel, 1, args))
+    est = estimate(ctx, layout, cfg.model.activation_checkpointing, cfg.train.micro_batch_tokens)
+    return {"params": est.states.params, "optimizer": est.states.optimizer, "peak": est.peak - est.reserve}
 
 
 def measure(mode: str, work: str, steps: int, device: str, threads: int) -> dict:
@@ -203,17 +217,21 @@ def gpu_section(dry: bool) -> dict:
 
 def table(results: dict, title: str) -> str:
     gb = 2**30
-    lines = [f"{title}", f"{'mode':<6} {'peak GiB':>9} {'state GiB':>10} {'params':>8} {'optim':>8} "
-             f"{'trainable':>12} {'step s':>8}  first losses"]  # fmt: skip
+    lines = [f"{title}", f"{'mode':<6} {'peak GiB':>9} {'plan GiB':>9} {'state GiB':>10} {'params':>8} "
+             f"{'optim':>8} {'trainable':>12} {'step s':>8}  first losses"]  # fmt: skip
     for mode, r in results.items():
         s = r["state"]
-        lines.append(f"{mode:<6} {r['peak'] / gb:9.3f} {s['total'] / gb:10.3f} {s['params'] / gb:8.3f} "
-                     f"{s['optimizer'] / gb:8.3f} {r['trainable']:12,} {r['step_s']:8.3f}  "
-                     f"{[round(x, 4) for x in r['losses'][:3]]}")  # fmt: skip
+        lines.append(f"{mode:<6} {r['peak'] / gb:9.3f} {r['plan']['peak'] / gb:9.3f} {s['total'] / gb:10.3f} "
+                     f"{s['params'] / gb:8.3f} {s['optimizer'] / gb:8.3f} {r['trainable']:12,} "
+                     f"{r['step_s']:8.3f}  {[round(x, 4) for x in r['losses'][:3]]}")  # fmt: skip
     q, lo = results["qlora"], results["lora"]
     lines.append(f"QLoRA: NF4 weights' max relative error {q['nf4_rel_error']:.4f}; first-step loss "
                  f"{q['losses'][0]:.5f} vs LoRA {lo['losses'][0]:.5f} (relative gap "
                  f"{abs(q['losses'][0] / lo['losses'][0] - 1):.2e})")  # fmt: skip
+    exact = all(r["plan"][k] == r["state"][k] for r in results.values() for k in ("params", "optimizer"))
+    lines.append(f"`vlmtune plan`: parameter and optimizer bytes {'equal' if exact else 'DIFFER from'} the "
+                 "measured ones; 'plan GiB' is its peak without the runtime reserve (on CUDA comparable with "
+                 "'peak GiB', max_memory_allocated; on the CPU 'peak' is RSS)")  # fmt: skip
     return "\n".join(lines)
 
 

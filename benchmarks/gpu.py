@@ -24,7 +24,8 @@ Sections:
 - context_parallel: `bench_cp.py` at 64k tokens, per-rank activation memory and CUDA peak at cp = 1, 2, 4
   (as many as there are GPUs: NCCL takes one per rank);
 - lora: `bench_lora.py --gpu`, full fine-tuning / LoRA / QLoRA at Qwen3-VL-8B widths (2 decoder layers, bf16):
-  CUDA peak, state bytes, step time and the first losses side by side.
+  CUDA peak, state bytes, step time and the first losses side by side, with what `vlmtune plan` predicts
+  for each run (state bytes, and the peak to hold against `max_memory_allocated`).
 """
 
 from __future__ import annotations

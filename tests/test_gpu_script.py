@@ -54,4 +54,9 @@ def test_gpu_script_dry_run_from_the_source_tree(tmp_path):
     modes = sections["lora"]["modes"]  # full fine-tuning vs adapters: fewer trainable weights, less state
     assert modes["lora"]["trainable"] < modes["full"]["trainable"] / 10
     assert modes["lora"]["state"]["optimizer"] < modes["full"]["state"]["optimizer"] / 10
+    for mode in modes.values():  # `vlmtune plan`'s state bytes for the same run, exactly
+        assert (mode["plan"]["params"], mode["plan"]["optimizer"]) == (
+            mode["state"]["params"],
+            mode["state"]["optimizer"],
+        )
     assert "## lora: ok" in (out / "gpu_report.md").read_text()

@@ -20,7 +20,7 @@ from dist_utils import run_ranks
 from vlmtune import save_pretrained
 from vlmtune.models.qwen3_vl import Qwen3VL, args_from_hf_dict, load_config
 from vlmtune.parallel.fsdp import apply_activation_checkpointing
-from vlmtune.testing import tiny_config_dict
+from vlmtune.testing import plain_tensors, storage_bytes, tiny_config_dict
 from vlmtune.train.config import FreezeConfig
 from vlmtune.train.flops import Trainable
 from vlmtune.train.freeze import apply_freeze
@@ -37,24 +37,6 @@ from vlmtune.train.step import TrainModule
 from model_inputs import as_packed_batch, build_sample, packed_row
 
 # ------------------------------------------------------------------------------- measuring real memory
-
-
-def plain_tensors(t):
-    """The plain tensors holding `t`: a DTensor's local shard, a tensor subclass's inner tensors (QLoRA's
-    NF4Tensor: codes, scales, ...), else `t`."""
-    t = t.to_local() if hasattr(t, "to_local") else t
-    if type(t) in (torch.Tensor, torch.nn.Parameter) or not hasattr(t, "__tensor_flatten__"):
-        return [t]
-    names, _ = t.__tensor_flatten__()
-    return [inner for name in names for inner in plain_tensors(getattr(t, name))]
-
-
-def storage_bytes(tensors) -> int:
-    """Bytes of the distinct storages behind `tensors` (DTensors by their local shard)."""
-    seen = {}
-    for inner in (inner for t in tensors for inner in plain_tensors(t)):
-        seen[inner.untyped_storage().data_ptr()] = inner.untyped_storage().nbytes()
-    return sum(seen.values())
 
 
 def allocated_states(model, optimizer) -> dict:

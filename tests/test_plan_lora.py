@@ -24,11 +24,11 @@ from test_plan import (
     allocated_states,
     checkpointing,
     micro_batch,
-    storage_bytes,
     tiny_model,
 )
 from vlmtune import save_pretrained
 from vlmtune.models.qwen3_vl import load_config
+from vlmtune.testing import storage_bytes
 from vlmtune.train.config import TrainConfig
 from vlmtune.train.lora import LoraSetup
 from vlmtune.train.plan_activations import ActivationSpec, checkpointed_blocks, predict_activations

@@ -12,6 +12,8 @@ import json
 import os
 import shutil
 
+import torch
+
 QWEN_VOCAB = 151936
 
 # Qwen3-VL chat format: `<|im_start|>role\n...<|im_end|>\n`, vision as <|vision_start|><|image_pad|><|vision_end|>.
@@ -191,3 +193,22 @@ def make_tiny_checkpoint(out_dir: str, *, seed: int = 0, assets: bool = True, **
     if assets:
         write_assets(out_dir)
     return model
+
+
+# ------------------------------------------------------------------------------- allocated bytes
+def plain_tensors(t):
+    """The plain tensors holding `t`: a DTensor's local shard, a tensor subclass's inner tensors (QLoRA's
+    NF4Tensor: codes, scales, ...), else `t`."""
+    t = t.to_local() if hasattr(t, "to_local") else t
+    if type(t) in (torch.Tensor, torch.nn.Parameter) or not hasattr(t, "__tensor_flatten__"):
+        return [t]
+    names, _ = t.__tensor_flatten__()
+    return [inner for name in names for inner in plain_tensors(getattr(t, name))]
+
+
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (DTensors by their local shard)."""
+    seen = {}
+    for inner in (inner for t in tensors for inner in plain_tensors(t)):
+        seen[inner.untyped_storage().data_ptr()] = inner.untyped_storage().nbytes()
+    return sum(seen.values())
