@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.utils.checkpoint import checkpoint
 
 from vlmtune.models.qwen3_vl import Qwen3VL
@@ -93,6 +93,17 @@ def _own_units(model: Qwen3VL, root: nn.Module) -> list[tuple[nn.Module, bool]]:
     return units
 
 
+def _needs_sum_reduction(mesh) -> bool:
+    """A custom gradient divide factor makes FSDP2 reduce-scatter with PREMUL_SUM, which gloo lacks (NCCL has
+    it): on the CPU, sum and then divide. Only where a reduce-scatter runs: with one shard rank torch (2.13)
+    divides the copied gradient by the factor and then, when sums are forced, once more."""
+    return (
+        mesh.device_type == "cpu"
+        and mesh.shape[-1] > 1
+        and hasattr(FSDPModule, "set_force_sum_reduction_for_comms")  # torch >= 2.12
+    )
+
+
 def apply_fsdp(
     root: nn.Module,
     model: Qwen3VL,
@@ -124,9 +135,7 @@ def apply_fsdp(
             fully_shard(experts, mesh=expert_mesh, reshard_after_forward=reshard, **kw)
             if expert_divide_factor is not None:
                 experts.set_gradient_divide_factor(expert_divide_factor)
-                # A custom factor is a PREMUL_SUM reduce-scatter, which gloo lacks (experts sharded over
-                # dp_shard x cp): sum, then divide the shard. (torch >= 2.12 has the switch; NCCL needs none.)
-                if hasattr(experts, "set_force_sum_reduction_for_comms"):
+                if _needs_sum_reduction(expert_mesh):
                     experts.set_force_sum_reduction_for_comms(True)
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard, **kw)
     for module, reshard in _own_units(model, root):
