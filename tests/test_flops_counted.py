@@ -10,7 +10,7 @@ import pytest
 from torch.utils.flop_counter import FlopCounterMode
 
 from test_plan import BATCHES, FP32, micro_batch, tiny_model
-from test_plan_lora import MOE, lora_model
+from test_plan_lora import ACTIVATION_RUNS, MOE, lora_model
 from vlmtune.models.qwen3_vl.moe import Experts
 from vlmtune.train.config import FreezeConfig
 from vlmtune.train.flops import Trainable, model_flops
@@ -61,17 +61,12 @@ def test_flops_equal_flop_counter(moe, freeze):
         assert counted_matmul_flops(model, batch) == predicted, kind
 
 
-LORA_RUNS = {  # (lora: section, MoE config)
-    "decoder": ({}, None),
-    "every-group": ({"vision_encoder": True, "vision_projector": True}, None),
-    "mergers-only": ({"text_decoder": False, "vision_projector": True}, None),
-    "vision-fc2-dropout": (
-        {"text_decoder": False, "vision_encoder": True, "targets": ["fc2"], "dropout": 0.1},
-        None,
-    ),
-    "merger-trained-whole": ({"modules_to_save": ["merger"], "targets": ["o_proj"]}, None),
-    "moe-experts-router": ({"targets": ["all-linear", "router"]}, MOE),
-}
+# The LoRA runs of the activation tests that change which matmuls run (QLoRA and dropout only change bytes).
+LORA_RUNS = {
+    name: ACTIVATION_RUNS[name]
+    for name in ("decoder", "every-group", "mergers-only", "vision-fc2-dropout", "merger-trained-whole",
+                 "moe-experts-router")
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("run", list(LORA_RUNS))

@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from vlmtune.errors import CheckpointError
+from vlmtune.errors import CheckpointError, VlmtuneError
 from vlmtune.models.qwen3_vl import ModelArgs, Qwen3VL, build_model, load_config
 from vlmtune.models.qwen3_vl.state_dict_adapter import (
     hf_to_native_name,
@@ -238,12 +238,12 @@ def _shard_plan(sizes: list[int], max_shard_bytes: int) -> list[int]:
     return plan
 
 
-def ensure_dir(path: str, what: str) -> None:
-    """Create the output directory `path` (named `what` in the message when that is impossible)."""
+def ensure_dir(path: str, what: str, error: type[VlmtuneError] = CheckpointError) -> None:
+    """Create the output directory `path` (named `what` in the `error` raised when that is impossible)."""
     try:
         os.makedirs(path, exist_ok=True)
     except (OSError, ValueError) as e:  # ValueError: a NUL character in the path
-        raise CheckpointError(
+        raise error(
             f"{what} {path!r}: cannot create the directory ({getattr(e, 'strerror', None) or e})"
         ) from None
 

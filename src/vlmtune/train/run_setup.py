@@ -5,12 +5,12 @@ micro-batches per step and the step count, the MoE aux-loss coefficient, the see
 from __future__ import annotations
 
 import math
-import os
 import random
 
 import numpy as np
 import torch
 
+from vlmtune.checkpoint.hf import ensure_dir
 from vlmtune.errors import ConfigError
 from vlmtune.models.qwen3_vl import ModelArgs
 from vlmtune.parallel.layout import ParallelConfig, resolve
@@ -68,9 +68,4 @@ def check_generation(cfg: TrainConfig, layout: ParallelConfig) -> None:
 
 
 def make_output_dir(path: str) -> None:
-    try:
-        os.makedirs(path, exist_ok=True)
-    except (OSError, ValueError) as e:  # ValueError: a NUL character in the path
-        raise ConfigError(
-            f"output_dir {path!r}: cannot create the directory ({getattr(e, 'strerror', None) or e})"
-        ) from None
+    ensure_dir(path, "output_dir", ConfigError)
