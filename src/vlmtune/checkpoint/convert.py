@@ -27,7 +27,7 @@ from vlmtune.errors import CheckpointError
 from vlmtune.models.qwen3_vl import build_model, load_config
 from vlmtune.models.qwen3_vl.state_dict_adapter import hf_to_native_name, tensors_from_hf, to_hf_items
 
-from .dcp import HF_ASSETS, assets_dir, dcp_load, publish, read_dcp_metadata, resolve, step_name
+from .dcp import HF_ASSETS, MODEL_PREFIX, assets_dir, model_tensors, publish, resolve, step_name
 from .hf import (
     check_dtype,
     checkpoint_files,
@@ -37,8 +37,6 @@ from .hf import (
     open_safetensors,
     write_hf_checkpoint,
 )
-
-PREFIX = "model."  # the trainer saves {"model": model_state_dict, ...}: DCP keys are "model.<name>"
 
 
 class _LazyHFPlanner(DefaultSavePlanner):
@@ -56,7 +54,7 @@ class _LazyHFPlanner(DefaultSavePlanner):
             with open_safetensors(file) as f:
                 tensor = f.get_tensor(hf_name)
             self._cached = (hf_name, tensors_from_hf(hf_to_native_name(hf_name), tensor, self.args, self.ctx))
-        return dict(self._cached[1])[key[len(PREFIX) :]].contiguous()
+        return dict(self._cached[1])[key[len(MODEL_PREFIX) :]].contiguous()
 
 
 def hf_to_native(hf_dir: str, out_dir: str) -> str:
@@ -118,9 +116,9 @@ def _plan_from_hf(hf_dir: str, args) -> tuple[dict, dict]:
                             f"{tuple(want.shape)}"
                         )
                     check_dtype(file, hf_name, dtype, torch.float32, set())
-                    meta_state[PREFIX + native] = torch.empty(value.shape, dtype=dtype, device="meta")
-                    sources[PREFIX + native] = (file, hf_name)
-    missing = sorted(set(expected) - {k[len(PREFIX) :] for k in meta_state})
+                    meta_state[MODEL_PREFIX + native] = torch.empty(value.shape, dtype=dtype, device="meta")
+                    sources[MODEL_PREFIX + native] = (file, hf_name)
+    missing = sorted(set(expected) - {k[len(MODEL_PREFIX) :] for k in meta_state})
     if missing:
         raise CheckpointError(f"{hf_dir}: tensors missing from the checkpoint: {missing[:10]}")
     return meta_state, sources
@@ -131,23 +129,14 @@ def native_to_hf(ckpt: str, out_dir: str, *, max_shard_bytes: int = 5 * 2**30) -
     path = resolve(os.fspath(ckpt))
     assets = assets_dir(path)
     args = load_config(assets)
-    meta = read_dcp_metadata(path).state_dict_metadata
-    names = [k[len(PREFIX) :] for k in meta if k.startswith(PREFIX) and hasattr(meta[k], "size")]
+    props, get = model_tensors(path)
+    names = list(props)
     if not names:
         raise CheckpointError(f"{path}: no model tensors in this checkpoint")
 
-    def get(name: str) -> torch.Tensor:
-        props = meta[PREFIX + name]
-        out = {PREFIX + name: torch.empty(props.size, dtype=props.properties.dtype)}
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp_load(out, path, no_dist=True)
-        return out[PREFIX + name]
-
     # Byte sizes of the HF tensors in order (fused q/k/v count once, with the three parts' bytes).
     sizes = [
-        t.numel() * t.element_size()
-        for _, t in to_hf_items(names, lambda n: _meta_tensor(meta[PREFIX + n]), args)
+        t.numel() * t.element_size() for _, t in to_hf_items(names, lambda n: _meta_tensor(props[n]), args)
     ]
     write_hf_checkpoint(
         to_hf_items(names, get, args),

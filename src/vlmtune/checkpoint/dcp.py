@@ -21,6 +21,8 @@ import logging
 import os
 import random
 import shutil
+import warnings
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -160,6 +162,9 @@ def read_meta(path: str) -> dict:
     return meta
 
 
+MODEL_PREFIX = "model."  # the trainer saves {"model": model_state_dict, ...}: DCP keys are "model.<name>"
+
+
 def read_dcp_metadata(path: str):
     """The DCP `.metadata` of a step directory (what every tensor is: name, shape, dtype)."""
     try:
@@ -168,6 +173,26 @@ def read_dcp_metadata(path: str):
         raise CheckpointError(
             f"{path}: unreadable DCP metadata ({type(e).__name__}: {e}); the checkpoint is damaged"
         ) from None
+
+
+def model_tensors(path: str) -> tuple[dict, Callable[[str], torch.Tensor]]:
+    """A step's model tensors, read one at a time in one process: ({name: its DCP metadata (size, dtype)},
+    get(name) -> the whole tensor)."""
+    meta = read_dcp_metadata(path).state_dict_metadata
+    n = len(MODEL_PREFIX)
+    props = {k[n:]: v for k, v in meta.items() if k.startswith(MODEL_PREFIX) and hasattr(v, "size")}
+
+    def get(name: str) -> torch.Tensor:
+        key = MODEL_PREFIX + name
+        out = {key: torch.empty(props[name].size, dtype=props[name].properties.dtype)}
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message="torch.distributed is disabled"
+            )  # one process on purpose
+            dcp_load(out, path, no_dist=True)
+        return out[key]
+
+    return props, get
 
 
 def dcp_load(state: dict, path: str, **kwargs) -> None:

@@ -8,7 +8,6 @@ the `lora:` section and the base checkpoint, `model.init_from_hf`).
 from __future__ import annotations
 
 import os
-import warnings
 
 import torch
 
@@ -16,15 +15,13 @@ from vlmtune.errors import CheckpointError
 from vlmtune.models.qwen3_vl import Qwen3VL, build_model, load_config
 from vlmtune.models.qwen3_vl.lora import LoraSpec, add_adapters, is_adapter, merge_adapters, modules_named
 
-from .dcp import assets_dir, dcp_load, read_dcp_metadata, read_meta, resolve
+from .dcp import assets_dir, model_tensors, read_meta, resolve
 from .hf import load_pretrained, save_pretrained
 from .peft import (
     peft_config,
     to_peft_items,
     write_adapter,
 )
-
-PREFIX = "model."  # DCP keys of the model state
 
 
 def lora_section(path: str) -> dict | None:
@@ -40,22 +37,6 @@ def _spec(section: dict) -> LoraSpec:
     return LoraSpec(section["rank"], float(section["alpha"]), section["dropout"], section["use_rslora"])
 
 
-def _reader(path: str):
-    """(names of the model tensors in a DCP checkpoint, get(name) reading one of them)."""
-    meta = read_dcp_metadata(path).state_dict_metadata
-    names = [k[len(PREFIX) :] for k in meta if k.startswith(PREFIX) and hasattr(meta[k], "size")]
-
-    def get(name: str) -> torch.Tensor:
-        props = meta[PREFIX + name]
-        out = {PREFIX + name: torch.empty(props.size, dtype=props.properties.dtype)}
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp_load(out, path, no_dist=True)
-        return out[PREFIX + name]
-
-    return names, get
-
-
 def export_adapter(ckpt: str, out_dir: str) -> str:
     """A LoRA checkpoint -> `out_dir/adapter_config.json` + `adapter_model.safetensors` (PEFT format)."""
     path = resolve(os.fspath(ckpt))
@@ -65,7 +46,8 @@ def export_adapter(ckpt: str, out_dir: str) -> str:
             f"{path}: not a LoRA run (lora.rank is 0); `vlmtune export` writes a full model"
         )
     args = load_config(assets_dir(path))
-    names, get = _reader(path)
+    props, get = model_tensors(path)
+    names = list(props)
     saved, _ = modules_named(build_model(args), section.get("modules_to_save") or [])
     adapters = [n for n in names if is_adapter(n)]
     config = peft_config(_spec(section), adapters, saved, section["init_from_hf"], args.is_moe)
@@ -91,7 +73,8 @@ def load_merged(ckpt: str, base: str | None = None) -> Qwen3VL:
     if not os.path.isfile(os.path.join(base, "config.json")):
         raise CheckpointError(f"{path}: its base model {base!r} is gone; pass --base DIR (the HF checkpoint)")
     model = load_pretrained(base)
-    names, get = _reader(path)
+    props, get = model_tensors(path)
+    names = list(props)
     adapters = [n for n in names if is_adapter(n)]
     linears = sorted({n.rsplit(".lora_", 1)[0] for n in adapters if ".lora_" in n})
     add_adapters(model, linears, _expert_targets(adapters), _spec(section), torch.float32)
